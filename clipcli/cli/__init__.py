@@ -1,0 +1,40 @@
+"""The ``clipcli`` Typer app: one module per command group, composed here."""
+
+from __future__ import annotations
+
+import typer
+
+from clipcli import __version__
+from clipcli.cli import config_cmd, embed
+
+app = typer.Typer(
+    name="clipcli",
+    help="CLIP embeddings for images and texts, from the shell.\n\n"
+    "Example: clipcli embed-image cat.jpg https://example.com/dog.png -o vectors.npy",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"clipcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """CLIP embeddings for images and texts, from the shell."""
+
+
+embed.register(app)
+app.add_typer(config_cmd.app, name="config")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,119 @@
+"""Shared CLI pieces: option types, settings resolution, messages and exit codes.
+
+Commands parse flags and call the library; this module turns library exceptions into one-line
+messages on stderr and the documented exit codes. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+
+from clipcli.errors import ClipcliError
+from clipcli.sources import safe_display
+
+EXIT_OK = 0
+EXIT_INPUTS_FAILED = 1
+EXIT_USAGE = 2
+EXIT_MODEL = 3
+EXIT_LOCKED = 4
+EXIT_INTERRUPTED = 130
+
+MODEL_PANEL = "Model"
+PRE_PANEL = "Preprocessing"
+OUT_PANEL = "Output"
+IN_PANEL = "Inputs"
+
+# ---- option types shared by the commands (None = not given, so settings/env/defaults apply)
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Hub id or local checkpoint directory. [default: openai/clip-vit-base-patch32]", rich_help_panel=MODEL_PANEL)]
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub revision: branch, tag or commit.", rich_help_panel=MODEL_PANEL)]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. [default: auto]", rich_help_panel=MODEL_PANEL)]
+DtypeOpt = Annotated[str | None, typer.Option(help="auto, float32, float16 or bfloat16 (auto: float32 on CPU). [default: auto]", rich_help_panel=MODEL_PANEL)]
+FeatureOpt = Annotated[str | None, typer.Option(help="pooled (tower pooler_output) or projected (joint image-text space). [default: pooled]", rich_help_panel=MODEL_PANEL)]
+NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="L2-normalise the vectors. [default: no]", rich_help_panel=MODEL_PANEL, show_default=False)]
+BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="Inputs per forward pass. [default: 32]", rich_help_panel=MODEL_PANEL)]
+OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output file (format from its extension: .jsonl .json .npy .npz .tsv) or - for stdout. [default: stdout]", rich_help_panel=OUT_PANEL)]
+FormatOpt = Annotated[str | None, typer.Option("--format", "-f", help="jsonl, json, npy, npz or tsv (overrides the extension).", rich_help_panel=OUT_PANEL)]
+OutDtypeOpt = Annotated[str | None, typer.Option(help="float32 or float16 for written vectors. [default: float32]", rich_help_panel=OUT_PANEL)]
+PreprocessOpt = Annotated[str | None, typer.Option(help="Preset: clip (the checkpoint's own) or imagenet (ImageNet mean/std). [default: clip]", rich_help_panel=PRE_PANEL)]
+ResizeOpt = Annotated[int | None, typer.Option(help="Resize the shortest edge to N pixels.", rich_help_panel=PRE_PANEL)]
+CropOpt = Annotated[int | None, typer.Option("--crop-size", help="Center-crop to N×N pixels.", rich_help_panel=PRE_PANEL)]
+MeanOpt = Annotated[str | None, typer.Option(help="Normalisation mean, 3 numbers: '0.5,0.5,0.5'.", rich_help_panel=PRE_PANEL)]
+StdOpt = Annotated[str | None, typer.Option(help="Normalisation std, 3 numbers: '0.5,0.5,0.5'.", rich_help_panel=PRE_PANEL)]
+ResampleOpt = Annotated[str | None, typer.Option(help="Resize filter: nearest, bilinear, bicubic, lanczos, box, hamming.", rich_help_panel=PRE_PANEL)]
+TimeoutOpt = Annotated[float | None, typer.Option(help="URL connect/read timeout in seconds. [default: 30]", rich_help_panel=IN_PANEL)]
+RetriesOpt = Annotated[int | None, typer.Option(help="URL retries on connection errors, 429 and 5xx. [default: 3]", rich_help_panel=IN_PANEL)]
+MaxBytesOpt = Annotated[int | None, typer.Option("--max-bytes", help="Largest URL download in bytes. [default: 52428800]", rich_help_panel=IN_PANEL)]
+MaxPixelsOpt = Annotated[int | None, typer.Option("--max-pixels", help="Largest image in pixels. [default: 89478485]", rich_help_panel=IN_PANEL)]
+WorkersOpt = Annotated[int | None, typer.Option(help="Loader threads (0: automatic).", rich_help_panel=IN_PANEL)]
+FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first input that fails.", rich_help_panel=IN_PANEL)]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Say more on stderr (device picked, model loading).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors.")]
+
+
+def resolve_settings(flags: dict[str, Any]) -> Any:
+    """Flags (None = not given) > CLIPCLI_* env > settings file > defaults."""
+    from clipcli.settings import resolve
+
+    return resolve(flags)
+
+
+class Reporter:
+    """Messages on stderr: skips, warnings, the summary. stdout carries data only."""
+
+    def __init__(self, *, quiet: bool = False, verbose: bool = False) -> None:
+        self.quiet = quiet
+        self.verbose = verbose
+        self.failed = 0
+
+    def skip(self, source: str, reason: str) -> None:
+        self.failed += 1
+        self._line(f"skipping {safe_display(source)}: {reason}")
+
+    def warn(self, message: str) -> None:
+        if not self.quiet:
+            self._line(f"warning: {message}")
+
+    def info(self, message: str) -> None:
+        if self.verbose and not self.quiet:
+            self._line(message)
+
+    def error(self, message: str) -> None:
+        self._line(f"error: {message}")
+
+    @staticmethod
+    def _line(text: str) -> None:
+        try:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+        except (BrokenPipeError, OSError):
+            pass
+
+
+@contextlib.contextmanager
+def handle_errors(reporter: Reporter | None = None) -> Iterator[None]:
+    """Turn clipcli errors, Ctrl-C and closed pipes into messages and exit codes."""
+    reporter = reporter or Reporter()
+    try:
+        yield
+    except ClipcliError as exc:
+        reporter.error(str(exc))
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        reporter.error("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BrokenPipeError:
+        # The reader went away (`| head -n 1`): that is a normal end for a pipe.
+        _silence_stdout()
+        raise typer.Exit(EXIT_OK) from None
+
+
+def _silence_stdout() -> None:
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())

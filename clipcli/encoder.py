@@ -1,0 +1,448 @@
+"""The Encoder: one CLIP model, one device, one dtype.
+
+This is the only module that imports torch and transformers. It hides their version
+differences (transformers 5 returns ``BaseModelOutputWithPooling`` from ``get_*_features``; the
+image processor falls back to a PIL backend without torchvision; one tower loaded from a full
+checkpoint prints a load report) behind :meth:`Encoder.encode_images` and
+:meth:`Encoder.encode_texts`.
+
+Features:
+- ``pooled``: ``pooler_output`` of ``CLIPVisionModel`` / ``CLIPTextModel``.
+- ``projected``: the joint image-text space, equal to ``CLIPModel.get_image_features`` /
+  ``get_text_features``; loaded as ``CLIP*ModelWithProjection`` so only one tower is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from clipcli.errors import ModelError, UsageError
+from clipcli.preprocess import ImageTransform, PreprocessSpec, customise_processor, describe_processor
+from clipcli.settings import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+CLIP_MODEL_TYPES = ("clip", "clip_vision_model", "clip_text_model")
+FEATURES = ("pooled", "projected")
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' loading reports, progress bars and backend warnings.
+
+    They go to stderr through logging, ``warnings`` and plain prints; none of them is actionable
+    for a clipcli user, and real failures still arrive as exceptions.
+    """
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def resolve_device(requested: str) -> str:
+    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a concrete device, or raise ModelError."""
+    import torch
+
+    requested = requested.lower()
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested == "cpu":
+        return "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {requested!r} was asked for but CUDA is not available here (use --device cpu or auto)")
+        if ":" in requested:
+            index = int(requested.split(":", 1)[1])
+            if index >= torch.cuda.device_count():
+                raise ModelError(
+                    f"device {requested!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible"
+                )
+        return requested
+    if requested == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ModelError("device 'mps' was asked for but MPS is not available here (use --device cpu or auto)")
+        return "mps"
+    raise ModelError(f"unknown device {requested!r} (expected auto, cpu, cuda, cuda:N or mps)")
+
+
+def resolve_dtype(requested: str, device: str) -> torch.dtype:
+    """``auto`` is float32 on CPU, bfloat16 (or float16 where unsupported) on GPUs."""
+    import torch
+
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if requested in names:
+        return names[requested]
+    if requested != "auto":
+        raise ModelError(f"unknown dtype {requested!r} (expected auto, float32, float16 or bfloat16)")
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class Encoder:
+    """Turns images and texts into CLIP vectors (float32 numpy arrays, one row per input).
+
+    >>> enc = Encoder("openai/clip-vit-base-patch32", feature="projected", normalize=True)
+    >>> enc.encode_texts(["a cat", "a dog"]).shape
+    (2, 512)
+
+    Towers, processor and tokenizer load lazily on first use, so an image-only run never reads
+    the text weights. Thread safety: :meth:`preprocess_image` may be called from loader threads
+    once :meth:`prepare_images` has run; forward passes belong to one thread.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        feature: str = "pooled",
+        normalize: bool = False,
+        preprocess: PreprocessSpec | ImageTransform | None = None,
+    ) -> None:
+        if feature not in FEATURES:
+            raise UsageError(f"unknown feature {feature!r} (expected pooled or projected)")
+        self.model_id = model
+        self.revision = revision
+        self.feature = feature
+        self.normalize = normalize
+        self.device = resolve_device(device)
+        self.torch_dtype = resolve_dtype(dtype, self.device)
+        self._custom_transform: ImageTransform | None = None
+        self._spec = PreprocessSpec()
+        if callable(preprocess):
+            self._custom_transform = preprocess
+        elif preprocess is not None:
+            self._spec = preprocess
+        self._lock = threading.Lock()
+        self._config: Any = None
+        self._vision: Any = None
+        self._text: Any = None
+        self._processor: Any = None
+        self._tokenizer: Any = None
+        self.max_batch: int | None = None  # lowered when the GPU runs out of memory
+
+    # ------------------------------------------------------------------ loading
+    def _load_kwargs(self) -> dict[str, Any]:
+        return {"revision": self.revision} if self.revision else {}
+
+    def _fail(self, what: str, exc: BaseException) -> ModelError:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = (
+            "check the hub id or the local directory; offline (HF_HUB_OFFLINE=1) the model must "
+            "already be in the cache (HF_HOME) or be a local checkpoint directory"
+        )
+        return ModelError(f"cannot load {what} of model {self.model_id!r}: {first} ({hint})")
+
+    @property
+    def config(self) -> Any:
+        """The checkpoint's configuration (CLIPConfig, CLIPVisionConfig or CLIPTextConfig)."""
+        if self._config is None:
+            with self._lock:
+                if self._config is None:
+                    self._config = load_config(self.model_id, self.revision)
+        return self._config
+
+    def _tower_class(self, tower: str) -> Any:
+        with quiet_transformers():
+            import transformers
+
+        names = {
+            ("vision", "pooled"): "CLIPVisionModel",
+            ("vision", "projected"): "CLIPVisionModelWithProjection",
+            ("text", "pooled"): "CLIPTextModel",
+            ("text", "projected"): "CLIPTextModelWithProjection",
+        }
+        return getattr(transformers, names[(tower, self.feature)])
+
+    def _load_tower(self, tower: str) -> Any:
+        model_type = self.config.model_type
+        if model_type != "clip" and model_type != f"clip_{tower}_model":
+            raise ModelError(f"model {self.model_id!r} is a {model_type} checkpoint and has no {tower} tower")
+        if self.feature == "projected" and model_type != "clip":
+            # A lone tower checkpoint has no projection weights: they would be random.
+            raise ModelError(
+                f"model {self.model_id!r} is a {model_type} checkpoint without a projection; use --feature pooled"
+            )
+        cls = self._tower_class(tower)
+        try:
+            with quiet_transformers():
+                model = cls.from_pretrained(self.model_id, dtype=self.torch_dtype, **self._load_kwargs())
+        except ModelError:
+            raise
+        except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
+            raise self._fail(f"the {tower} tower", exc) from exc
+        model.eval()
+        return model.to(self.device)
+
+    @property
+    def vision_model(self) -> Any:
+        if self._vision is None:
+            with self._lock:
+                if self._vision is None:
+                    self._vision = self._load_tower("vision")
+        return self._vision
+
+    @property
+    def text_model(self) -> Any:
+        if self._text is None:
+            with self._lock:
+                if self._text is None:
+                    self._text = self._load_tower("text")
+        return self._text
+
+    @property
+    def processor(self) -> Any:
+        """The checkpoint's CLIPImageProcessor with the preprocessing overrides applied."""
+        if self._processor is None:
+            with self._lock:
+                if self._processor is None:
+                    try:
+                        with quiet_transformers():
+                            from transformers import CLIPImageProcessor
+
+                            base = CLIPImageProcessor.from_pretrained(self.model_id, **self._load_kwargs())
+                    except Exception as exc:
+                        raise self._fail("the image processor", exc) from exc
+                    self._processor = customise_processor(base, self._spec)
+        return self._processor
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            with self._lock:
+                if self._tokenizer is None:
+                    try:
+                        with quiet_transformers():
+                            from transformers import CLIPTokenizer
+
+                            self._tokenizer = CLIPTokenizer.from_pretrained(self.model_id, **self._load_kwargs())
+                    except Exception as exc:
+                        raise self._fail("the tokenizer", exc) from exc
+        return self._tokenizer
+
+    def prepare_images(self) -> None:
+        """Load everything image encoding needs (call before handing work to threads)."""
+        self.vision_model  # noqa: B018 - loading is the point
+        if self._custom_transform is None:
+            self.processor  # noqa: B018
+
+    def prepare_texts(self) -> None:
+        """Load everything text encoding needs."""
+        self.text_model  # noqa: B018
+        self.tokenizer  # noqa: B018
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def max_text_length(self) -> int:
+        config = self.config
+        text_config = getattr(config, "text_config", config)
+        return int(getattr(text_config, "max_position_embeddings", 77))
+
+    def dim(self, tower: str) -> int:
+        """Length of the vectors this encoder produces for ``tower`` (vision or text)."""
+        config = self.config
+        if self.feature == "projected":
+            return int(config.projection_dim)
+        sub = getattr(config, f"{tower}_config", config)
+        return int(sub.hidden_size)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The image preprocessing in effect, for metadata."""
+        if self._custom_transform is not None:
+            name = getattr(self._custom_transform, "__name__", type(self._custom_transform).__name__)
+            return {"preset": "callable", "custom": True, "callable": name}
+        return describe_processor(self.processor, self._spec)
+
+    def metadata(self, tower: str) -> dict[str, Any]:
+        """What every output records about how its vectors were made."""
+        from clipcli import __version__
+
+        commit = getattr(self.config, "_commit_hash", None)
+        meta: dict[str, Any] = {
+            "model": self.model_id,
+            "revision": self.revision or commit or None,
+            "feature": self.feature,
+            "normalized": self.normalize,
+            "modality": "image" if tower == "vision" else "text",
+            "dim": self.dim(tower),
+            "model_dtype": str(self.torch_dtype).replace("torch.", ""),
+            "device": self.device,
+            "clipcli_version": __version__,
+        }
+        if tower == "vision":
+            meta["preprocessing"] = self.preprocessing()
+        else:
+            meta["max_text_length"] = self.max_text_length
+        return meta
+
+    # ------------------------------------------------------------------ images
+    def preprocess_image(self, image: Image.Image) -> np.ndarray:
+        """One RGB PIL image -> CHW float32 pixel array, as the checkpoint's processor makes it."""
+        if self._custom_transform is not None:
+            array = np.asarray(self._custom_transform(image), dtype=np.float32)
+            if array.ndim != 3:
+                raise UsageError(f"custom preprocessing must return a CHW array, got shape {array.shape}")
+            return array
+        out = self.processor(images=image, return_tensors="np")
+        return np.asarray(out["pixel_values"][0], dtype=np.float32)
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """An (N, 3, H, W) float32 pixel batch -> (N, D) float32 vectors."""
+        import torch
+
+        model = self.vision_model
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+
+        def forward(chunk: torch.Tensor) -> torch.Tensor:
+            if self.device.startswith("cuda"):
+                chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+            else:
+                chunk = chunk.to(self.device)
+            out = model(pixel_values=chunk.to(self.torch_dtype))
+            return out.image_embeds if self.feature == "projected" else out.pooler_output
+
+        return self._run(forward, tensor)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB PIL images -> (N, D) float32 vectors."""
+        if not images:
+            return np.zeros((0, self.dim("vision")), dtype=np.float32)
+        return self.encode_pixels(np.stack([self.preprocess_image(image) for image in images]))
+
+    # ------------------------------------------------------------------ texts
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids per text (with BOS/EOS) and whether each text was cut to the model's length."""
+        tokenizer = self.tokenizer
+        limit = self.max_text_length
+        with quiet_transformers():
+            ids = tokenizer(list(texts), truncation=False)["input_ids"]
+            cut = [len(row) > limit for row in ids]
+            if any(cut):
+                long_index = [i for i, c in enumerate(cut) if c]
+                short = tokenizer([texts[i] for i in long_index], truncation=True, max_length=limit)["input_ids"]
+                for i, row in zip(long_index, short):
+                    ids[i] = row
+        return [list(row) for row in ids], cut
+
+    def encode_token_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Token id lists -> (N, D) vectors; padded to the longest in the batch (right, masked)."""
+        import torch
+
+        model = self.text_model
+        if not ids:
+            return np.zeros((0, self.dim("text")), dtype=np.float32)
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else pad
+        width = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        both = torch.cat([input_ids, mask], dim=1)
+
+        def forward(chunk: torch.Tensor) -> torch.Tensor:
+            chunk = chunk.to(self.device)
+            out = model(input_ids=chunk[:, :width], attention_mask=chunk[:, width:])
+            return out.text_embeds if self.feature == "projected" else out.pooler_output
+
+        return self._run(forward, both)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> (N, D) float32 vectors (cut to the model's maximum length)."""
+        ids, _ = self.tokenize(texts)
+        return self.encode_token_ids(ids)
+
+    # ------------------------------------------------------------------ forward
+    def _run(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> np.ndarray:
+        """Run ``forward`` over ``batch`` in chunks, halving the chunk on out-of-memory.
+
+        No item is ever dropped: a chunk that fails is retried at half the size until a single
+        item fails, which is then a ModelError.
+        """
+        import torch
+
+        results: list[np.ndarray] = []
+        start = 0
+        total = batch.shape[0]
+        while start < total:
+            size = min(total - start, self.max_batch or total)
+            try:
+                with torch.inference_mode():
+                    out = forward(batch[start : start + size]).float()
+                    if self.normalize:
+                        out = torch.nn.functional.normalize(out, dim=-1)
+                    results.append(out.cpu().numpy())
+            except Exception as exc:
+                if not _is_oom(exc):
+                    raise
+                if size == 1:
+                    raise ModelError(f"out of memory on {self.device} even with a batch of 1") from exc
+                self.max_batch = max(1, size // 2)
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                continue
+            start += size
+        return np.concatenate(results, axis=0)
+
+
+def load_config(model: str, revision: str | None = None) -> Any:
+    """Load and check a checkpoint's config; ModelError if it cannot be had or is not CLIP."""
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        with quiet_transformers():
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model, **kwargs)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load model {model!r}: {first} (check the hub id or the local directory; offline "
+            "(HF_HUB_OFFLINE=1) the model must already be in the cache (HF_HOME) or be a local checkpoint directory)"
+        ) from exc
+    if config.model_type not in CLIP_MODEL_TYPES:
+        raise ModelError(
+            f"model {model!r} is not a CLIP checkpoint (model_type {config.model_type!r}); "
+            "clipcli needs a CLIP model such as openai/clip-vit-base-patch32"
+        )
+    return config
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we batch ourselves; avoid fork warnings

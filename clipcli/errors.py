@@ -1,0 +1,50 @@
+"""The exception family of clipcli.
+
+The library raises these; only the CLI turns them into messages and exit codes.
+Each class carries the exit code the README documents for it.
+"""
+
+from __future__ import annotations
+
+
+class ClipcliError(Exception):
+    """Base of every error clipcli raises on purpose."""
+
+    exit_code: int = 1
+
+
+class UsageError(ClipcliError):
+    """The command line or a setting is wrong (exit 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """The settings file or a settings value is invalid (exit 2)."""
+
+
+class ModelError(ClipcliError):
+    """The model, device or dtype cannot be had (exit 3)."""
+
+    exit_code = 3
+
+
+class OutputLockedError(ClipcliError):
+    """Another run holds the output directory (exit 4)."""
+
+    exit_code = 4
+
+
+class InputError(ClipcliError):
+    """One input could not be read, fetched or decoded.
+
+    ``stage`` says where it failed (``read``, ``fetch``, ``decode``, ``preprocess``),
+    ``reason`` is a short human sentence without the source in it.
+    """
+
+    exit_code = 1
+
+    def __init__(self, reason: str, *, stage: str = "read") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.stage = stage

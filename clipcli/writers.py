@@ -1,0 +1,233 @@
+"""Output formats: JSON Lines, JSON, .npy (+ sources sidecar), .npz and TSV; stdout or file.
+
+Files are written atomically: everything goes to a temporary file in the target directory,
+which is fsynced and renamed over the target only by :meth:`Writer.close`; :meth:`Writer.abort`
+(on failure or interruption) removes it, so a half-written output never appears.
+
+JSON Lines on stdout is flushed batch by batch (``| head -n 1`` and ``| jq`` work as data
+arrives); the other formats are documents and are written when the run ends.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from clipcli.errors import UsageError
+
+FORMATS = ("jsonl", "json", "npy", "npz", "tsv")
+EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".npy": "npy", ".npz": "npz", ".tsv": "tsv"}
+SOURCES_SUFFIX = ".sources.txt"
+
+
+def infer_format(target: str, fmt: str = "auto") -> str:
+    """The output format: explicit ``fmt``, else from the extension, else jsonl on stdout."""
+    if fmt and fmt != "auto":
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown output format {fmt!r} (expected one of {', '.join(FORMATS)})")
+        return fmt
+    if target == "-":
+        return "jsonl"
+    suffix = Path(target).suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise UsageError(
+            f"cannot tell the output format from {target!r}; use an extension "
+            f"({', '.join(EXTENSIONS)}) or --format"
+        )
+    return EXTENSIONS[suffix]
+
+
+def sources_sidecar(npy_path: str | Path) -> Path:
+    """``out.npy`` -> ``out.sources.txt``: one source per line, row i of the array on line i."""
+    path = Path(npy_path)
+    return path.with_name(path.stem + SOURCES_SUFFIX) if path.suffix.lower() == ".npy" else path.with_name(path.name + SOURCES_SUFFIX)
+
+
+def escape_line(text: str) -> str:
+    """Escape backslash, tab, CR and LF so any source fits on one TSV/sidecar line."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def unescape_line(text: str) -> str:
+    """Inverse of :func:`escape_line`."""
+    out, i = [], 0
+    table = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in table:
+            out.append(table[text[i + 1]])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+class AtomicFile:
+    """A temporary file beside ``path`` that becomes ``path`` only on :meth:`commit`."""
+
+    def __init__(self, path: str | Path, mode: str = "wb") -> None:
+        self.path = Path(path)
+        directory = self.path.parent if str(self.path.parent) else Path(".")
+        if not directory.is_dir():
+            raise UsageError(f"cannot write {self.path}: directory {directory} does not exist")
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        self.handle: IO[Any] = os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}))
+
+    def commit(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+
+class Writer:
+    """Collects embedded items and writes them in one format to stdout or a file."""
+
+    def __init__(self, target: str, fmt: str, metadata: dict[str, Any], *, out_dtype: str = "float32") -> None:
+        self.target = target
+        self.format = infer_format(target, fmt)
+        self.metadata = dict(metadata)
+        self.metadata["dtype"] = out_dtype
+        self.dtype = np.dtype(out_dtype)
+        self.count = 0
+        self.dim = int(metadata.get("dim", 0))
+        self._files: list[AtomicFile] = []
+        self._rows: IO[bytes] | None = None  # raw little-endian rows for npy/npz
+        self._sources: list[str] = []
+        self._closed = False
+        self._stream: IO[str] | None = None
+        self._text_open()
+
+    # -- setup
+    def _text_open(self) -> None:
+        to_stdout = self.target == "-"
+        if self.format in ("jsonl", "tsv", "json"):
+            if to_stdout:
+                self._stream = sys.stdout
+            else:
+                file = AtomicFile(self.target, "w")
+                self._files.append(file)
+                self._stream = file.handle
+            if self.format == "json":
+                header = {k: v for k, v in self.metadata.items()}
+                text = json.dumps(header, ensure_ascii=False)
+                # Stream the items array after the metadata: memory stays flat for any N.
+                self._stream.write(text[:-1] + ', "items": [')
+        else:
+            self._rows = tempfile.TemporaryFile()
+
+    # -- writing
+    def write(self, items: Sequence[Any]) -> None:
+        """Write embedded items (objects with ``source`` and ``vector``), in order."""
+        if not items:
+            return
+        matrix = np.stack([np.asarray(item.vector) for item in items]).astype(self.dtype)
+        if self.dim == 0:
+            self.dim = matrix.shape[1]
+        sources = [item.source for item in items]
+        if self.format == "jsonl":
+            assert self._stream is not None
+            lines = [
+                json.dumps({"source": s, "embedding": v}, ensure_ascii=False) for s, v in zip(sources, matrix.tolist())
+            ]
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+        elif self.format == "tsv":
+            assert self._stream is not None
+            rows = ["\t".join([escape_line(s), *map(repr, v)]) for s, v in zip(sources, matrix.tolist())]
+            self._stream.write("\n".join(rows) + "\n")
+            self._stream.flush()
+        elif self.format == "json":
+            assert self._stream is not None
+            parts = [
+                json.dumps({"source": s, "embedding": v}, ensure_ascii=False) for s, v in zip(sources, matrix.tolist())
+            ]
+            self._stream.write(("," if self.count else "") + ",".join(parts))
+        else:
+            assert self._rows is not None
+            self._rows.write(np.ascontiguousarray(matrix, dtype=self.dtype.newbyteorder("<")).tobytes())
+            self._sources.extend(sources)
+        self.count += len(items)
+
+    # -- finishing
+    def close(self) -> None:
+        """Finish the output and move files into place."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.format == "json":
+            assert self._stream is not None
+            self._stream.write("]}\n")
+            self._stream.flush()
+        elif self.format in ("npy", "npz"):
+            self._finish_binary()
+        for file in self._files:
+            file.commit()
+
+    def abort(self) -> None:
+        """Drop everything not yet committed (files are never left half-written)."""
+        self._closed = True
+        for file in self._files:
+            file.abort()
+        if self._rows is not None:
+            self._rows.close()
+
+    def _matrix(self) -> np.ndarray:
+        assert self._rows is not None
+        self._rows.flush()
+        if self.count == 0:
+            return np.zeros((0, self.dim), dtype=self.dtype)
+        # Memory-mapped: the rows are never all held in memory at once.
+        return np.memmap(self._rows, dtype=self.dtype.newbyteorder("<"), mode="r", shape=(self.count, self.dim))
+
+    def _finish_binary(self) -> None:
+        matrix = self._matrix()
+        if self.format == "npy":
+            if self.target == "-":
+                buffer = sys.stdout.buffer
+                np.lib.format.write_array(buffer, np.asarray(matrix), allow_pickle=False)
+                buffer.flush()
+            else:
+                main = AtomicFile(self.target, "wb")
+                self._files.append(main)
+                np.lib.format.write_array(main.handle, matrix, allow_pickle=False)
+                side = AtomicFile(sources_sidecar(self.target), "w")
+                self._files.append(side)
+                side.handle.write("".join(escape_line(s) + "\n" for s in self._sources))
+        else:
+            arrays = {
+                "embeddings": np.asarray(matrix),
+                "sources": np.array(self._sources, dtype=str) if self._sources else np.zeros((0,), dtype="<U1"),
+                "metadata": np.array(json.dumps(self.metadata, ensure_ascii=False)),
+            }
+            if self.target == "-":
+                buffer = io.BytesIO()
+                np.savez(buffer, **arrays)
+                sys.stdout.buffer.write(buffer.getvalue())
+                sys.stdout.buffer.flush()
+            else:
+                main = AtomicFile(self.target, "wb")
+                self._files.append(main)
+                np.savez(main.handle, **arrays)
+        if self._rows is not None:
+            self._rows.close()
+
+
+def read_sources(npy_path: str | Path) -> list[str]:
+    """Read the sources sidecar of an .npy output back into a list."""
+    text = sources_sidecar(npy_path).read_text(encoding="utf-8")
+    return [unescape_line(line) for line in text.split("\n")[:-1]]
