@@ -150,7 +150,7 @@ class Encoder:
             self._custom_transform = preprocess
         elif preprocess is not None:
             self._spec = preprocess
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: towers read the config under it
         self._config: Any = None
         self._vision: Any = None
         self._text: Any = None

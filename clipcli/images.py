@@ -1,0 +1,403 @@
+"""Turn a file path or raw bytes into a fully loaded RGB ``PIL.Image``.
+
+Every failure is an :class:`~clipcli.errors.InputError` with a one-line reason (stage ``read``
+for the file system, ``decode`` for the image data); nothing is printed and Pillow's warnings
+are silenced for the calls made here.
+
+Decoding rules:
+
+* **Size limit.** Pillow's global decompression-bomb limit is switched off once, when this
+  module is imported, and replaced by a per-call check (``max_pixels``) on the header size,
+  made before any pixel data is decoded. The global is process-wide, a per-call argument is not.
+* **Truncation.** ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set: a truncated file is an error.
+* **Animation / pages.** Animated GIF, APNG and WebP and multi-page TIFF give their first frame.
+* **Orientation.** The EXIF orientation tag is applied (``ImageOps.exif_transpose``), so a
+  rotated camera JPEG comes out upright.
+* **RGB conversion** is the one transformers' ``CLIPImageProcessor`` applies
+  (``transformers.image_transforms.convert_to_rgb``, transformers 5): an image with an alpha band
+  or a ``transparency`` entry (palette/tRNS) is composited onto opaque white, anything else goes
+  through ``Image.convert("RGB")``. No ICC colour management, as in transformers.
+* **High bit depth.** ``convert("RGB")`` clips 16/32-bit and float grey images to 255, which
+  turns most of them white. Before the step above they are therefore scaled to 8-bit ``L``:
+  ``I;16*`` and ``I`` are read as 16-bit samples (clipped to 0..65535) and shifted right by 8;
+  ``F`` is read as 0..1 when all finite samples lie in [0, 1] (times 255), else clipped to
+  0..255; NaN becomes 0. The scaling is fixed, not stretched per image, so equal sample values
+  give equal pixels in every file. (16-bit RGB PNGs already open as 8-bit ``RGB`` in Pillow.)
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import stat
+import threading
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clipcli.errors import InputError
+
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS
+
+# Our own per-call ``max_pixels`` check replaces Pillow's global one: the global would otherwise
+# warn above 89 MP and refuse above 179 MP whatever limit the caller chose.
+Image.MAX_IMAGE_PIXELS = None
+
+_GREY_HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_MAX_REASON = 160
+
+# ISO-BMFF ``ftyp`` brands of still-image formats, mapped to the name used in messages.
+_FTYP_BRANDS = {
+    b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
+    b"hevc": "HEIC", b"hevx": "HEIC", b"hevm": "HEIC", b"hevs": "HEIC",
+    b"avif": "AVIF", b"avis": "AVIF",
+    b"jxl ": "JPEG XL",
+    b"mif1": "HEIF", b"msf1": "HEIF", b"mif2": "HEIF",
+}
+# BITMAPINFOHEADER sizes that follow a real BMP's 14-byte file header.
+_BMP_DIB_SIZES = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
+_HTML_RE = re.compile(rb"<(!doctype\s+html|html|head|body|title|script|meta)[\s>]", re.IGNORECASE)
+_SVG_RE = re.compile(rb"<svg[\s>]", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------- sniffing
+
+
+def sniff_image_format(head: bytes) -> str | None:
+    """Name the image format the first bytes of a file announce, or None.
+
+    Only magic numbers are used (no Pillow), so it also names formats Pillow cannot read
+    (HEIC, JPEG XL). ``head`` should be at least 32 bytes when the data is that long.
+    """
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        return "TIFF"
+    # "BM" alone is too weak (text can start with it): check the DIB header size too.
+    if head.startswith(b"BM") and int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES:
+        return "BMP"
+    # ICO/CUR: reserved 0, type 1 or 2, then a non-zero image count.
+    if head.startswith((b"\x00\x00\x01\x00", b"\x00\x00\x02\x00")) and int.from_bytes(head[4:6], "little") > 0:
+        return "ICO"
+    if head[4:8] == b"ftyp":
+        return _ftyp_format(head)
+    if head.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or head.startswith(b"\xff\x4f\xff\x51"):
+        return "JPEG2000"
+    if head.startswith(b"\xff\x0a") or head.startswith(b"\x00\x00\x00\x0cJXL \r\n\x87\n"):
+        return "JPEG XL"
+    if head.startswith(b"8BPS"):
+        return "PSD"
+    if head.startswith(b"qoif"):
+        return "QOI"
+    if head.startswith(b"DDS "):
+        return "DDS"
+    return None
+
+
+def _ftyp_format(head: bytes) -> str | None:
+    """Name an ISO-BMFF still image from its ftyp box (major, then compatible brands)."""
+    box_size = int.from_bytes(head[0:4], "big")
+    brands = [head[8:12]]
+    end = min(box_size, len(head)) if box_size >= 16 else 16
+    brands += [head[i : i + 4] for i in range(16, end - 3, 4)]
+    names = [_FTYP_BRANDS[b] for b in brands if b in _FTYP_BRANDS]
+    # Prefer a specific codec (HEIC/AVIF) over the generic HEIF container brand.
+    for name in names:
+        if name != "HEIF":
+            return name
+    return names[0] if names else None
+
+
+def looks_like_html(head: bytes) -> bool:
+    """True when the first bytes are an HTML document (an error page, a login wall...)."""
+    text = head[:1024].lstrip(b"\xef\xbb\xbf \t\r\n")
+    return text.startswith(b"<") and _HTML_RE.search(text) is not None and not _SVG_RE.search(text)
+
+
+def _looks_like_svg(head: bytes) -> bool:
+    text = head[:1024].lstrip(b"\xef\xbb\xbf \t\r\n")
+    return text.startswith(b"<") and _SVG_RE.search(text) is not None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_file_bytes(path: str | os.PathLike[str]) -> bytes:
+    """Read a whole regular file, refusing directories, FIFOs, devices and sockets.
+
+    The file type is checked with ``os.stat`` before opening, so a FIFO never blocks the
+    caller; the open itself is non-blocking and re-checked with ``fstat`` in case the path
+    was swapped in between. Raises ``InputError(stage="read")``.
+    """
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise InputError(_stat_reason(p, e), stage="read") from None
+    _check_regular(st.st_mode)
+
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(p, flags)
+    except OSError as e:
+        raise InputError(_stat_reason(p, e), stage="read") from None
+    try:
+        _check_regular(os.fstat(fd).st_mode)
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1  # now owned by the file object
+            return f.read()
+    except OSError as e:
+        raise InputError(f"read error: {_strerror(e)}", stage="read") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _check_regular(mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise InputError("is a directory", stage="read")
+    kind = (
+        "FIFO" if stat.S_ISFIFO(mode)
+        else "socket" if stat.S_ISSOCK(mode)
+        else "character device" if stat.S_ISCHR(mode)
+        else "block device" if stat.S_ISBLK(mode)
+        else "unknown type"
+    )
+    raise InputError(f"not a regular file ({kind})", stage="read")
+
+
+def _stat_reason(path: str, e: OSError) -> str:
+    """A short reason for a failed stat/open, without the path in it."""
+    if e.errno == errno.ENOENT:
+        try:  # a dangling symlink stats as ENOENT but lstat finds the link itself
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                return "no such file (broken symlink)"
+        except OSError:
+            pass
+        return "no such file"
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if e.errno == errno.ENOTDIR:
+        return "no such file (a path component is not a directory)"
+    if e.errno == errno.EISDIR:
+        return "is a directory"
+    if e.errno == errno.ENAMETOOLONG:
+        return "file name too long"
+    return _strerror(e)
+
+
+def _strerror(e: OSError) -> str:
+    return (e.strerror or type(e).__name__).lower()
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes into a loaded RGB image (first frame, EXIF orientation applied).
+
+    See the module docstring for the conversion rules. Raises ``InputError(stage="decode")``
+    for empty, non-image, unsupported, truncated/corrupt or oversized (> ``max_pixels``) data.
+    """
+    if not data:
+        raise InputError("empty file", stage="decode")
+    _silence_pillow_warnings()
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InputError(_unidentified_reason(data), stage="decode") from None
+    except Image.DecompressionBombError:  # only if someone re-enabled Pillow's global limit
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise InputError(
+            f"image too large: over Pillow's global limit of {limit:,} pixels (PIL.Image.MAX_IMAGE_PIXELS)",
+            stage="decode",
+        ) from None
+    except Exception as e:  # a broken header: Pillow raises SyntaxError, struct.error, ...
+        raise InputError(f"truncated or corrupt image: {_describe(e)}", stage="decode") from None
+
+    with img:
+        _check_pixels(img.size, max_pixels)
+        fmt = img.format or "image"
+        try:
+            img.load()  # first frame only; Image.open leaves multi-frame files at frame 0
+            # GIF frames may enlarge the canvas while loading, so look again.
+            _check_pixels(img.size, max_pixels)
+            oriented = _apply_exif_orientation(img)
+            rgb = to_rgb(oriented)
+            rgb.load()
+        except InputError:
+            raise
+        except MemoryError:
+            raise InputError("out of memory while decoding image", stage="decode") from None
+        except Exception as e:
+            msg = _describe(e)
+            if "not available" in msg and ("decoder" in msg or "encoder" in msg):
+                raise InputError(f"unsupported image format {fmt} ({msg})", stage="decode") from None
+            raise InputError(f"truncated or corrupt image: {msg}", stage="decode") from None
+    return rgb
+
+
+def load_image(
+    path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Read (if given a path) and decode an image; see :func:`decode_image`."""
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        data = bytes(path_or_bytes)
+    else:
+        data = read_file_bytes(path_or_bytes)
+    return decode_image(data, max_pixels=max_pixels)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB as transformers' ``convert_to_rgb`` does.
+
+    High-bit-depth grey (``I;16*``, ``I``, ``F``) is first scaled to 8-bit (module docstring).
+    Raises ``InputError(stage="decode")`` for a mode Pillow cannot convert (e.g. LAB).
+    """
+    if img.mode in _GREY_HIGH_BIT_MODES or img.mode == "F":
+        img = _high_bit_grey_to_8bit(img)
+    try:
+        # Same test and compositing as transformers.image_transforms.convert_to_rgb.
+        has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
+        if has_alpha:
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            out = Image.alpha_composite(background, rgba).convert("RGB")
+        else:
+            out = img.convert("RGB")
+    except ValueError as e:
+        raise InputError(f"cannot convert image mode {img.mode} to RGB ({_one_line(e)})", stage="decode") from None
+    # A leftover transparency entry would make a later convert_to_rgb composite a second time.
+    out.info.pop("transparency", None)
+    return out
+
+
+def _high_bit_grey_to_8bit(img: Image.Image) -> Image.Image:
+    """Scale I;16*/I/F grey to L (or LA when a transparency value is set)."""
+    import numpy as np  # only this rare path needs numpy; keep it off the import path
+
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = arr.astype(np.float64)
+        finite = arr[np.isfinite(arr)]
+        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+            arr = arr * 255.0
+        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+        out8 = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    else:
+        samples = np.clip(arr.astype(np.int64), 0, 65535)
+        out8 = (samples >> 8).astype(np.uint8)
+    grey = Image.fromarray(out8)  # a 2-D uint8 array becomes mode L
+    transparency = img.info.get("transparency")
+    if isinstance(transparency, int) and img.mode != "F":
+        # Keep a tRNS grey key as alpha, so the compositing below whitens those pixels.
+        alpha = Image.fromarray(np.where(arr == transparency, 0, 255).astype(np.uint8))
+        return Image.merge("LA", (grey, alpha))
+    return grey
+
+
+def _apply_exif_orientation(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag; a broken EXIF block leaves the image as stored."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            return ImageOps.exif_transpose(img)
+    except Exception:  # unreadable EXIF is metadata trouble, not a reason to drop the image
+        pass
+    return img
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise InputError(f"image has no pixels ({w}x{h})", stage="decode")
+    if w * h > max_pixels:
+        raise InputError(
+            f"image too large: {w}x{h} = {w * h:,} pixels > limit {max_pixels:,} (raise with --max-pixels)",
+            stage="decode",
+        )
+
+
+def _unidentified_reason(data: bytes) -> str:
+    """Why Pillow could not identify ``data``: unsupported format, corrupt file, or not an image."""
+    fmt = sniff_image_format(data[:64])
+    if fmt is not None:
+        if _pillow_can_read(fmt):
+            # Pillow has a working plugin, so the plugin rejected the header itself.
+            return f"truncated or corrupt image: not a readable {fmt} file"
+        return f"unsupported image format {fmt} (no Pillow plugin installed)"
+    if _looks_like_svg(data[:1024]):
+        return "unsupported image format SVG (vector images are not supported)"
+    if looks_like_html(data[:1024]):
+        return "not an image (HTML document)"
+    return "not an image (unrecognised data)"
+
+
+# Pillow registers some plugins even when the codec library is missing; ask features then.
+_CODEC_FEATURE = {"WEBP": "webp", "AVIF": "avif", "JPEG": "jpg", "JPEG2000": "jpg_2000"}
+# Our sniffed names where a third-party plugin uses another one (pillow-heif registers "HEIF").
+_PLUGIN_NAME = {"HEIC": "HEIF", "JPEG XL": "JXL"}
+
+
+def _pillow_can_read(fmt: str) -> bool:
+    from PIL import features
+
+    Image.init()
+    if _PLUGIN_NAME.get(fmt, fmt) not in Image.OPEN:
+        return False
+    feature = _CODEC_FEATURE.get(fmt)
+    try:
+        return feature is None or bool(features.check(feature))
+    except Exception:  # an unknown feature name in some Pillow version
+        return True
+
+
+def _describe(e: BaseException) -> str:
+    text = _one_line(e)
+    return text if text else type(e).__name__
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
+def _silence_pillow_warnings() -> None:
+    """Keep Pillow's UserWarnings/RuntimeWarnings (bomb, EXIF, palette...) off stderr.
+
+    ``warnings.catch_warnings`` is not thread-safe before Python 3.14 (it swaps the global
+    filter list, and concurrent decodes restore each other's copies), so instead a permanent,
+    narrow filter for warnings attributed to Pillow's modules or this one is put at the front
+    of the list, and put back there on later calls if something (a test framework, a
+    ``catch_warnings`` block) has reset or overridden the filters since.
+    """
+    with _FILTER_LOCK:
+        if warnings.filters[: len(_WANTED_FILTERS)] == _WANTED_FILTERS:
+            return
+        for action, category, module in reversed(_FILTER_SPECS):
+            warnings.filterwarnings(action, category=category, module=module)
+        _WANTED_FILTERS[:] = warnings.filters[: len(_FILTER_SPECS)]
+
+
+_FILTER_LOCK = threading.Lock()
+_FILTER_SPECS = [
+    ("ignore", category, module)
+    for category in (UserWarning, RuntimeWarning)
+    for module in (r"PIL(\..*)?\Z", r"clipcli\.images\Z")
+]
+_WANTED_FILTERS: list[tuple[object, ...]] = [object()]  # filled on first call
