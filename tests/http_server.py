@@ -38,6 +38,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.hits: Counter[str] = Counter()
+        self.static: dict[str, tuple[bytes, str]] = {}  # /static/<name> -> (body, content type)
         self.headers_seen: dict[str, dict[str, str]] = {}
         self.lock = threading.Lock()
 
@@ -75,7 +76,10 @@ class _Handler(BaseHTTPRequestHandler):
         seg = path.strip("/").split("/")
         head = seg[0]
 
-        if head == "image.jpg":
+        if head == "static" and len(seg) == 2 and seg[1] in self.server.static:
+            body, ctype = self.server.static[seg[1]]
+            self._send(200, body, ctype)
+        elif head == "image.jpg":
             self._send(200, JPEG_BYTES, "image/jpeg")
         elif head == "missing":
             self._send(404, b"not found", "text/plain")
@@ -176,6 +180,12 @@ class TestServer:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def serve(self, name: str, body: bytes, ctype: str = "application/octet-stream") -> str:
+        """Serve ``body`` at ``/static/<name>``; return its URL."""
+        with self._server.lock:
+            self._server.static[name] = (body, ctype)
+        return self.url(f"/static/{name}")
 
     def hits(self, path: str) -> int:
         with self._server.lock:
