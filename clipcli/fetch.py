@@ -30,42 +30,13 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from clipcli.errors import InputError
+from clipcli.sources import check_url_scheme, has_url_scheme, is_url  # noqa: F401 - re-exported
 from clipcli.images import looks_like_html, sniff_image_format
 
 MAX_RETRY_AFTER = 30.0  # seconds; a longer Retry-After gives up instead of waiting
 _CHUNK = 64 * 1024
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 507, 520, 521, 522, 523, 524})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
-
-
-def is_url(ref: str) -> bool:
-    """True for ``http://`` and ``https://`` references (scheme case-insensitive)."""
-    return ref[:8].lower().startswith(("http://", "https://"))
-
-
-def has_url_scheme(ref: str) -> bool:
-    """True when ``ref`` is written as a URL (``scheme://...`` or ``data:``), whatever the scheme.
-
-    One-letter schemes are not counted, so Windows paths like ``C:\\x.jpg`` stay paths.
-    """
-    m = _SCHEME_RE.match(ref)
-    if m is None or len(m.group(1)) < 2:
-        return False
-    return ref[m.end() : m.end() + 2] == "//" or m.group(1).lower() == "data"
-
-
-def check_url_scheme(ref: str) -> None:
-    """Raise ``InputError(stage="fetch")`` when ``ref`` is a URL with a scheme other than http(s).
-
-    Plain paths and http(s) URLs pass silently.
-    """
-    if is_url(ref) or not has_url_scheme(ref):
-        return
-    scheme = ref.split(":", 1)[0].lower()
-    raise InputError(f"unsupported URL scheme {scheme!r} (only http and https)", stage="fetch")
-
-
 def format_bytes(n: int) -> str:
     """Human size: ``1000 bytes``, ``64 KiB``, ``50 MiB``, ``1.5 GiB``."""
     if n < 1024:

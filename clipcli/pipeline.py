@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipcli.errors import InputError
-from clipcli.sources import has_scheme, is_url
+from clipcli.sources import check_url_scheme, is_url
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -80,9 +80,7 @@ class ImageLoader:
     def read_bytes(self, ref: str) -> bytes:
         if is_url(ref):
             return self.fetcher.fetch_image_bytes(ref)
-        if has_scheme(ref):
-            scheme = ref.split("://", 1)[0]
-            raise InputError(f"unsupported URL scheme {scheme!r} (only http and https)", stage="fetch")
+        check_url_scheme(ref)
         from clipcli.images import read_file_bytes
 
         return read_file_bytes(ref)

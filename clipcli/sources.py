@@ -6,22 +6,44 @@ can be printed back in messages and written to outputs unchanged.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from typing import TextIO
 
+from clipcli.errors import InputError
+
 STDIN = "-"
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 
 
 def is_url(ref: str) -> bool:
-    """True for http:// and https:// references (scheme compared case-insensitively)."""
-    head = ref[:8].lower()
-    return head.startswith("http://") or head.startswith("https://")
+    """True for ``http://`` and ``https://`` references (scheme case-insensitive)."""
+    return ref[:8].lower().startswith(("http://", "https://"))
 
 
-def has_scheme(ref: str) -> bool:
-    """True for ``scheme://...`` references that are not local paths (ftp://, file://, s3://)."""
-    scheme, sep, _ = ref.partition("://")
-    return bool(sep) and scheme.isascii() and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum()
+def has_url_scheme(ref: str) -> bool:
+    """True when ``ref`` is written as a URL (``scheme://...`` or ``data:``), whatever the scheme.
+
+    One-letter schemes are not counted, so Windows paths like ``C:\\x.jpg`` stay paths.
+    """
+    m = _SCHEME_RE.match(ref)
+    if m is None or len(m.group(1)) < 2:
+        return False
+    return ref[m.end() : m.end() + 2] == "//" or m.group(1).lower() == "data"
+
+
+has_scheme = has_url_scheme  # short alias used by the batch collector
+
+
+def check_url_scheme(ref: str) -> None:
+    """Raise ``InputError(stage="fetch")`` when ``ref`` is a URL with a scheme other than http(s).
+
+    Plain paths and http(s) URLs pass silently.
+    """
+    if is_url(ref) or not has_url_scheme(ref):
+        return
+    scheme = ref.split(":", 1)[0].lower()
+    raise InputError(f"unsupported URL scheme {scheme!r} (only http and https)", stage="fetch")
 
 
 def read_lines(stream: TextIO) -> Iterator[str]:

@@ -222,11 +222,10 @@ def _read_text_source(ref: str, settings: Any) -> Iterator[str]:
     """Lines of a text file or URL (UTF-8), blank lines skipped."""
     import io
 
-    from clipcli.sources import has_scheme, is_url, read_lines
+    from clipcli.sources import check_url_scheme, is_url, read_lines
 
-    if is_url(ref) or has_scheme(ref):
-        if not is_url(ref):
-            raise InputError(f"unsupported URL scheme {ref.split('://', 1)[0]!r} (only http and https)", stage="fetch")
+    check_url_scheme(ref)
+    if is_url(ref):
         from clipcli.fetch import Fetcher
 
         fetcher = Fetcher(timeout=settings.timeout, retries=settings.retries, max_bytes=settings.max_bytes)
