@@ -109,12 +109,17 @@ def build_checkpoint(
             raise UsageError(
                 f"text vocab_size {text.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
             )
+        # The towers' own projection_dim must equal the top-level one: CLIP*ModelWithProjection
+        # (what `--feature projected` loads) sizes its projection from the tower config, and
+        # would otherwise re-initialise the saved projection at the default 512.
         text_config = asdict(text) | {
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
+            "projection_dim": projection_dim,
         }
-        config = CLIPConfig(text_config=text_config, vision_config=asdict(vision), projection_dim=projection_dim)
+        vision_config = asdict(vision) | {"projection_dim": projection_dim}
+        config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection_dim)
         torch.manual_seed(seed)
         model = CLIPModel(config)
         processor = CLIPImageProcessor(

@@ -10,6 +10,7 @@ callable ``PIL.Image -> CHW float32 array``.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,8 @@ class PreprocessSpec:
             value = getattr(self, name)
             if value is not None and len(value) != 3:
                 raise UsageError(f"{name} needs 3 values (one per RGB channel), got {len(value)}")
+            if value is not None and not all(math.isfinite(v) for v in value):
+                raise UsageError(f"{name} values must be finite numbers, got {list(value)}")
         if self.std is not None and any(v <= 0 for v in self.std):
             raise UsageError(f"std values must be > 0, got {list(self.std)}")
         if self.resample is not None and self.resample not in RESAMPLE_CODES:

@@ -7,16 +7,24 @@ variable > settings file > built-in default. :func:`resolve` returns the effecti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import math
 import os
+import stat
 import tempfile
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clipcli.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): the same parser, as a package
+    import tomli as tomllib  # type: ignore[no-redef]
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 APP_NAME = "clipcli"
@@ -126,13 +134,18 @@ def _optional_triple(kind: str) -> Callable[[Any], tuple[float, float, float] | 
             return None
         items = raw if isinstance(raw, (list, tuple)) else str(raw).replace(",", " ").split()
         try:
+            # bools are ints to Python; `mean = [true, 0, 0]` in TOML is a mistake, not 1.0.
+            if any(isinstance(v, bool) for v in items):
+                raise TypeError
             values = tuple(float(v) for v in items)
         except (TypeError, ValueError):
-            raise ValueError(f"expected 3 numbers for the {kind} (one per RGB channel)") from None
+            raise ValueError(f"expected 3 numbers for the {kind} (one per RGB channel), like 0.5,0.5,0.5") from None
         if len(values) != 3:
             raise ValueError(f"expected 3 numbers for the {kind} (one per RGB channel), got {len(values)}")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{kind} values must be finite numbers")
         if kind == "std" and any(v <= 0 for v in values):
-            raise ValueError("std values must be > 0")
+            raise ValueError("std values must be > 0 (pixels are divided by them)")
         return values  # type: ignore[return-value]
 
     return parse
@@ -232,8 +245,8 @@ def parse_value(key: str, raw: Any, *, origin: str) -> Any:
         raise ConfigError(f"invalid value {raw!r} for {key} ({origin}): {exc}") from None
 
 
-def read_file(path: Path) -> dict[str, Any]:
-    """Read the raw TOML table of the settings file ({} when it does not exist)."""
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The raw TOML table of ``path`` ({} when it does not exist), not validated."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -241,44 +254,83 @@ def read_file(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read settings file {path}: {exc}") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"settings file {path} is not valid TOML: {exc}") from None
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Read and validate the raw TOML table of the settings file ({} when it does not exist)."""
+    data = _read_toml(path)
     for key, raw in data.items():
         parse_value(key, raw, origin=f"settings file {path}")
     return data
 
 
+def _toml_string(text: str) -> str:
+    # JSON's string escapes are all valid TOML basic-string escapes; TOML forbids a raw DEL.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return _toml_string(str(value))
+
+
+def _toml_key(key: str) -> str:
+    bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
+    return key if bare else _toml_string(key)
+
+
 def _dump_toml(data: Mapping[str, Any]) -> str:
+    """TOML text for ``data``: known keys in KEYS order, then anything else (kept, not lost)."""
     lines = ["# clipcli settings; edit with `clipcli config set KEY VALUE`"]
-    for key in KEYS:
-        if key not in data or data[key] is None:
-            continue
+    ordered = [key for key in KEYS if key in data] + [key for key in data if key not in KEYS]
+    for key in ordered:
         value = data[key]
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, (int, float)):
-            text = repr(value)
-        elif isinstance(value, (list, tuple)):
-            text = "[" + ", ".join(repr(float(v)) for v in value) + "]"
-        else:
-            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-        lines.append(f"{key} = {text}")
+        if value is None:  # TOML has no null: an unset optional value is simply absent
+            continue
+        if isinstance(value, tuple):
+            value = [float(v) for v in value]
+        lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
 def write_file(path: Path, data: Mapping[str, Any]) -> None:
     """Write the settings file atomically (temp file in the same directory, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=path.parent)
+    # Write through a symlinked settings file (dotfiles repos) instead of replacing the link.
+    path = Path(os.path.realpath(path))
+    text = _dump_toml(data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ConfigError(f"cannot write settings file {path}: {exc}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(_dump_toml(data))
+            with contextlib.suppress(OSError):  # keep the permissions of the file we replace
+                os.chmod(handle.fileno(), stat.S_IMODE(path.stat().st_mode))
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot write settings file {path}: {exc}") from None
         raise
 
 
@@ -320,11 +372,15 @@ def set_value(key: str, raw: str, *, path: Path | None = None) -> Any:
 
 
 def unset_value(key: str, *, path: Path | None = None) -> bool:
-    """Remove one key from the settings file; return whether it was there."""
+    """Remove one key from the settings file; return whether it was there.
+
+    This is also the repair tool for a file with an unknown key or an invalid value, so only
+    the TOML syntax is checked here: the offending key can be removed and the rest kept.
+    """
     path = config_path() if path is None else path
-    if key not in KEYS:
+    data = _read_toml(path)
+    if key not in KEYS and key not in data:
         raise ConfigError(f"unknown settings key {key!r}; valid keys: {', '.join(KEYS)}")
-    data = read_file(path)
     present = key in data
     if present:
         del data[key]
