@@ -238,3 +238,24 @@ def test_all_inputs_failing_still_writes_an_empty_but_valid_output(tiny_model, t
     result = invoke(["embed-image", str(tmp_path / "missing.png"), "--model", tiny_model, "-o", str(out)])
     assert result.exit_code == 1
     assert np.load(out).shape == (0, 32)
+
+
+def test_verbose_says_which_device_auto_picked_and_quiet_by_default(tiny_model):
+    loud = invoke(["embed-text", "hi", "--model", tiny_model, "-v"])
+    assert loud.exit_code == 0 and "device: cpu (auto asked), dtype: float32" in loud.stderr
+    quiet = invoke(["embed-text", "hi", "--model", tiny_model])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_settings_file_and_env_apply_to_embed_commands(tiny_model, monkeypatch):
+    from clipcli.settings import set_value
+
+    set_value("model", tiny_model)
+    set_value("feature", "projected")
+    by_file = invoke(["embed-text", "hi"])
+    assert by_file.exit_code == 0 and len(json.loads(by_file.stdout)["embedding"]) == 16
+    monkeypatch.setenv("CLIPCLI_FEATURE", "pooled")
+    by_env = invoke(["embed-text", "hi"])
+    assert len(json.loads(by_env.stdout)["embedding"]) == 32
+    by_flag = invoke(["embed-text", "hi", "--feature", "projected"])
+    assert len(json.loads(by_flag.stdout)["embedding"]) == 16
