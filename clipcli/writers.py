@@ -71,6 +71,12 @@ def unescape_line(text: str) -> str:
     return "".join(out)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class AtomicFile:
     """A temporary file beside ``path`` that becomes ``path`` only on :meth:`commit`."""
 
@@ -84,6 +90,8 @@ class AtomicFile:
 
     def commit(self) -> None:
         self.handle.flush()
+        # mkstemp creates 0600; give the output the permissions a plain open() would have.
+        os.fchmod(self.handle.fileno(), 0o666 & ~_umask())
         os.fsync(self.handle.fileno())
         self.handle.close()
         os.replace(self.tmp, self.path)

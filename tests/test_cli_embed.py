@@ -259,3 +259,13 @@ def test_settings_file_and_env_apply_to_embed_commands(tiny_model, monkeypatch):
     assert len(json.loads(by_env.stdout)["embedding"]) == 32
     by_flag = invoke(["embed-text", "hi", "--feature", "projected"])
     assert len(json.loads(by_flag.stdout)["embedding"]) == 16
+
+
+def test_output_files_get_ordinary_permissions(tiny_model, tmp_path, images):
+    import os
+
+    out = tmp_path / "o.npy"
+    assert invoke(["embed-image", str(images[0]), "--model", tiny_model, "-o", str(out)]).exit_code == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from clipcli import __version__
-from clipcli.cli import config_cmd, embed
+from clipcli.cli import batch_cmd, config_cmd, embed
 
 app = typer.Typer(
     name="clipcli",
@@ -32,6 +32,7 @@ def _root(
 
 
 embed.register(app)
+batch_cmd.register(app)
 app.add_typer(config_cmd.app, name="config")
 
 

@@ -1,0 +1,285 @@
+"""Turn ``batch`` inputs into a sorted list of sources (no model, no image decoding).
+
+Images: any mix of directories (walked recursively, following symlinks once: a loop or a
+second link to a directory already seen is skipped), glob patterns, files, http(s) URLs and
+list files (``--from-file``, one path or URL per line, ``-`` for stdin). Directory walks keep
+files whose extension is an image extension (any case) and skip hidden files and directories
+(names starting with ``.``); files named explicitly, by a glob or in a list are always kept.
+
+Texts: ``--texts FILE`` gives one text per line; with ``--text-field NAME`` a JSON Lines file
+(one object per line) or a CSV/TSV file (by extension, first row = header) gives the column
+``NAME``. A text's source is ``FILE:LINE`` (1-based physical line where it starts), and its
+version is the sha256 of the text, so an edited line is embedded again.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from clipcli.errors import UsageError
+from clipcli.pipeline import Failed
+from clipcli.sources import has_scheme, is_url
+
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".bmp", ".dib", ".webp",
+    ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico",
+})
+JSONL_EXTENSIONS = frozenset({".jsonl", ".ndjson", ".json"})
+CSV_EXTENSIONS = {".csv": ",", ".tsv": "\t"}
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    """One text of a text file: its label, where it comes from and its content hash."""
+
+    source: str
+    file: str
+    line: int
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def record(self) -> dict[str, Any]:
+        """The index record of this text (what identifies this version of it)."""
+        return {"source": self.source, "file": self.file, "line": self.line, "sha256": self.sha256, "text": self.text}
+
+
+@dataclass
+class Collection:
+    """Sources found (sorted, unique), plus inputs that failed while collecting and warnings."""
+
+    modality: str  # "image" or "text"
+    images: list[str] = field(default_factory=list)
+    texts: list[TextRecord] = field(default_factory=list)
+    failures: list[Failed] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images) if self.modality == "image" else len(self.texts)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def collect_images(inputs: Sequence[str], from_files: Sequence[str] = (), stdin: TextIO | None = None) -> Collection:
+    """Expand image inputs into a sorted list of unique sources."""
+    out = Collection("image")
+    found: set[str] = set()
+    seen_dirs: set[tuple[int, int]] = set()
+    for arg in inputs:
+        if arg == "-":
+            raise UsageError("use --from-file - to read a list of images from stdin")
+        _add(arg, found, out, seen_dirs, glob_ok=True)
+    stdin_used = False
+    for list_path in from_files:
+        if list_path == "-":
+            if stdin_used:
+                continue
+            stdin_used = True
+        for line in _list_lines(list_path, stdin):
+            _add(line, found, out, seen_dirs, glob_ok=False)
+    out.images = sorted(found)
+    return out
+
+
+def _list_lines(list_path: str, stdin: TextIO | None) -> Iterator[str]:
+    import sys
+
+    if list_path == "-":
+        stream: Iterable[str] = stdin if stdin is not None else sys.stdin
+        lines = (line.rstrip("\r\n") for line in stream)
+    else:
+        try:
+            with open(list_path, encoding="utf-8-sig", errors="surrogateescape") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read list file {list_path}: {(exc.strerror or str(exc)).lower()}") from None
+        lines = (line.rstrip("\r") for line in text.split("\n"))
+    for line in lines:
+        if line.strip():
+            yield line
+
+
+def _add(arg: str, found: set[str], out: Collection, seen_dirs: set[tuple[int, int]], *, glob_ok: bool) -> None:
+    if is_url(arg) or has_scheme(arg):
+        found.add(arg)  # other schemes fail in the loader with a clear reason
+        return
+    path = os.path.normpath(arg)
+    if os.path.isdir(path):
+        found.update(walk_images(path, out, seen_dirs))
+    elif os.path.lexists(path):
+        found.add(path)
+    elif glob_ok and _GLOB_CHARS & set(arg):
+        matches = sorted(glob.glob(arg, recursive=True))
+        if not matches:
+            out.warnings.append(f"no file matches {arg!r}")
+        for match in matches:
+            match = os.path.normpath(match)
+            if os.path.isdir(match):
+                found.update(walk_images(match, out, seen_dirs))
+            else:
+                found.add(match)
+    else:
+        out.failures.append(Failed(path, "read", "no such file or directory"))
+
+
+def walk_images(root: str, out: Collection, seen_dirs: set[tuple[int, int]]) -> Iterator[str]:
+    """Image files under ``root``, following symlinks but never entering a directory twice."""
+
+    def on_error(exc: OSError) -> None:
+        where = exc.filename or root
+        out.failures.append(Failed(str(where), "read", f"cannot list directory: {(exc.strerror or str(exc)).lower()}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=on_error):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:  # a symlink loop, or a second path to a directory already walked
+            dirnames[:] = []
+            continue
+        seen_dirs.add(key)
+        # Sorted, so that when two paths lead to one directory the same one wins every run.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and is_image_name(name):
+                yield os.path.join(dirpath, name)
+
+
+# --------------------------------------------------------------------------- texts
+
+
+def text_format(path: str, text_field: str | None) -> str:
+    """``lines``, ``jsonl`` or ``csv`` for a text input file."""
+    ext = os.path.splitext(path)[1].lower()
+    if text_field is None:
+        if ext in JSONL_EXTENSIONS or ext in CSV_EXTENSIONS:
+            raise UsageError(f"{path} is a {ext[1:].upper()} file: pass --text-field NAME to say which field holds the text")
+        return "lines"
+    return "csv" if ext in CSV_EXTENSIONS else "jsonl"
+
+
+def collect_texts(files: Sequence[str], text_field: str | None = None, stdin: TextIO | None = None) -> Collection:
+    """Read text files into sorted TextRecords (by file, then line)."""
+    import sys
+
+    out = Collection("text")
+    seen_files: set[str] = set()
+    for name in files:
+        path = name if name == "-" else os.path.normpath(name)
+        if path in seen_files:
+            continue
+        seen_files.add(path)
+        fmt = text_format(path, text_field)
+        if path == "-":
+            content = (stdin if stdin is not None else sys.stdin).read()
+        else:
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except OSError as exc:
+                reason = "no such file" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc)).lower()
+                out.failures.append(Failed(path, "read", reason))
+                continue
+            try:
+                content = data.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                out.failures.append(Failed(path, "read", f"not UTF-8 text (byte {exc.start})"))
+                continue
+        if fmt == "lines":
+            out.texts.extend(_plain_lines(path, content))
+        elif fmt == "jsonl":
+            _jsonl(path, content, text_field or "", out)
+        else:
+            _csv(path, content, text_field or "", out)
+    out.texts.sort(key=lambda t: (t.file, t.line))
+    return out
+
+
+def _split_lines(content: str) -> Iterator[tuple[int, str]]:
+    # Only \n ends a line (as for sed, wc and editors); a trailing \r is dropped.
+    for number, line in enumerate(content.split("\n"), start=1):
+        yield number, line[:-1] if line.endswith("\r") else line
+
+
+def _plain_lines(path: str, content: str) -> Iterator[TextRecord]:
+    for number, line in _split_lines(content):
+        if line.strip():
+            yield TextRecord(f"{path}:{number}", path, number, line)
+
+
+def _jsonl(path: str, content: str, name: str, out: Collection) -> None:
+    for number, line in _split_lines(content):
+        if not line.strip():
+            continue
+        source = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            out.failures.append(Failed(source, "read", f"invalid JSON: {exc.msg}"))
+            continue
+        _field(obj, name, source, path, number, out)
+
+
+def _csv(path: str, content: str, name: str, out: Collection) -> None:
+    delimiter = CSV_EXTENSIONS.get(os.path.splitext(path)[1].lower(), ",")
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        out.failures.append(Failed(path, "read", f"invalid CSV: {exc}"))
+        return
+    if name not in header:
+        raise UsageError(f"{path} has no column {name!r} (columns: {', '.join(header) or 'none'})")
+    column = header.index(name)
+    start = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            out.failures.append(Failed(f"{path}:{start}", "read", f"invalid CSV: {exc}"))
+            start = reader.line_num + 1
+            continue
+        number, start = start, reader.line_num + 1
+        if not row:
+            continue  # blank line
+        source = f"{path}:{number}"
+        if column >= len(row):
+            out.failures.append(Failed(source, "read", f"row has no column {name!r}"))
+            continue
+        if row[column].strip():
+            out.texts.append(TextRecord(source, path, number, row[column]))
+
+
+def _field(obj: Any, name: str, source: str, path: str, number: int, out: Collection) -> None:
+    if not isinstance(obj, dict) or name not in obj:
+        out.failures.append(Failed(source, "read", f"no field {name!r}"))
+        return
+    value = obj[name]
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        out.failures.append(Failed(source, "read", f"field {name!r} is {kind}, not a string"))
+        return
+    if value.strip():
+        out.texts.append(TextRecord(source, path, number, value))

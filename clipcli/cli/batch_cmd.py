@@ -1,0 +1,327 @@
+"""``clipcli batch``: resumable, incremental embedding of a collection into an output directory.
+
+The command parses flags, lists the sources (:mod:`clipcli.batch.collect`) and hands them to
+:class:`clipcli.batch.runner.BatchRunner`; this module only adds the progress display, the
+final summary, ``--max-errors`` and the exit codes. torch is imported only when a model loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from clipcli.cli.common import (
+    EXIT_INPUTS_FAILED,
+    EXIT_OK,
+    IN_PANEL,
+    OUT_PANEL,
+    BatchSizeOpt,
+    CropOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FeatureOpt,
+    MaxBytesOpt,
+    MaxPixelsOpt,
+    MeanOpt,
+    ModelOpt,
+    NormalizeOpt,
+    OutDtypeOpt,
+    PreprocessOpt,
+    QuietOpt,
+    Reporter,
+    ResampleOpt,
+    ResizeOpt,
+    RetriesOpt,
+    RevisionOpt,
+    StdOpt,
+    TimeoutOpt,
+    VerboseOpt,
+    WorkersOpt,
+    handle_errors,
+    resolve_settings,
+)
+from clipcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from clipcli.batch.runner import Plan, RunResult
+
+BATCH_PANEL = "Batch"
+PLAIN_PROGRESS_EVERY_S = 10.0  # seconds between progress lines when stderr is not a terminal
+DEFAULT_SHARD_SIZE = 1024  # mirrors clipcli.batch.runner.DEFAULT_SHARD_SIZE (kept light to import)
+
+HELP = """Embed a whole collection into OUTDIR, resumably and incrementally.
+
+Rerunning the same command embeds only what is new or changed, continues after a crash or Ctrl-C, and never mixes settings. OUTDIR ends with embeddings.npy (rows sorted by source), sources.txt, index.jsonl, errors.jsonl and manifest.json.
+
+Example: clipcli batch ~/photos -o ~/photo-vectors --feature projected --normalize
+"""
+
+
+def parse_max_errors(text: str | None) -> tuple[float, bool] | None:
+    """``N`` or ``N%`` -> (limit, is_percent); None when not given."""
+    if text is None:
+        return None
+    raw = text.strip()
+    percent = raw.endswith("%")
+    number = raw[:-1].strip() if percent else raw
+    try:
+        value = float(number) if percent else int(number)
+    except ValueError:
+        raise UsageError(f"invalid --max-errors {text!r}: expected a count (5) or a percentage (1%)") from None
+    if value < 0 or (percent and value > 100):
+        raise UsageError(f"invalid --max-errors {text!r}: expected 0..N or 0%..100%")
+    return float(value), percent
+
+
+def too_many_failures(failed: int, total: int, limit: tuple[float, bool] | None) -> bool:
+    """Default: any failure is too many. ``N``: more than N. ``N%``: more than N % of inputs."""
+    if limit is None:
+        return failed > 0
+    value, percent = limit
+    allowed = value * total / 100.0 if percent else value
+    return failed > allowed
+
+
+class CliEvents:
+    """Runner events -> stderr: skip lines, a rich bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, reporter: Reporter, *, unit: str, outdir: str, tty: bool | None = None) -> None:
+        self.reporter = reporter
+        self.unit = unit
+        self.outdir = outdir
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.truncated_count = 0
+        self._bar: Any = None
+        self._task: Any = None
+        self._total = 0
+        self._clock = time.monotonic()
+        self._last_line = self._clock
+
+    # -- runner callbacks
+    def warning(self, message: str) -> None:
+        self.reporter.warn(message)
+
+    def waiting(self, holder: str) -> None:
+        self.reporter.warn(f"{self.outdir} is in use ({holder}); waiting for it (--wait)")
+
+    def planned(self, plan: Plan) -> None:
+        self._total = len(plan.todo)
+        deleted = f", {len(plan.deleted)} deleted" if plan.deleted else ""
+        self._note(f"{plan.total} inputs: {len(plan.todo)} to embed, {plan.skipped} already done{deleted}")
+
+    def phase(self, name: str) -> None:
+        if name == "embedding":
+            self._clock = self._last_line = time.monotonic()
+            self._start_bar()
+        elif name == "consolidating":
+            self.stop()
+        if name == "loading model":
+            self.reporter.info("loading model")
+
+    def failed(self, failure: Any) -> None:
+        self.reporter.skip(failure.source, failure.reason)
+
+    def progress(self, embedded: int, failed: int, total: int) -> None:
+        done = embedded + failed
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total)
+            return
+        now = time.monotonic()
+        if now - self._last_line >= PLAIN_PROGRESS_EVERY_S and done < total:
+            self._last_line = now
+            rate = embedded / (now - self._clock) if now > self._clock else 0.0
+            self._note(f"{done}/{total} done ({failed} failed), {rate:.1f} {self.unit}/s")
+
+    def truncated(self, source: str) -> None:
+        self.truncated_count += 1
+        self.reporter.info(f"text cut to the model's maximum length: {source}")
+
+    # -- display
+    def _note(self, text: str) -> None:
+        if not self.reporter.quiet:
+            Reporter._line(f"batch: {text}")
+
+    def _start_bar(self) -> None:
+        if not self.tty or self.reporter.quiet:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=Console(stderr=True), transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task("embedding", total=self._total or None)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``timeout``, systemd, a cron wrapper) stops cleanly like Ctrl-C."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. an embedding host): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``batch`` to ``app``."""
+
+    @app.command("batch", help=HELP)
+    def batch(
+        output: Annotated[str, typer.Option("--output", "-o", help="Output directory (created if needed; reuse it to resume or update).", metavar="OUTDIR", rich_help_panel=OUT_PANEL, show_default=False)],
+        inputs: Annotated[list[str] | None, typer.Argument(help="Directories (recursive), image files, glob patterns ('photos/**/*.jpg') and http(s) URLs.", show_default=False)] = None,
+        from_file: Annotated[list[str] | None, typer.Option("--from-file", help="Read paths/URLs from LIST, one per line; - for stdin (repeatable).", metavar="LIST", rich_help_panel=IN_PANEL)] = None,
+        texts: Annotated[list[str] | None, typer.Option("--texts", help="Embed texts from FILE, one per line (or a field, see --text-field) instead of images (repeatable).", metavar="FILE", rich_help_panel=IN_PANEL)] = None,
+        text_field: Annotated[str | None, typer.Option("--text-field", help="With --texts: the JSON Lines field or CSV/TSV column that holds the text.", metavar="NAME", rich_help_panel=IN_PANEL)] = None,
+        hash_: Annotated[bool, typer.Option("--hash", help="Identify file versions by sha256 of their bytes, not size+mtime (reads every file each run).", rich_help_panel=BATCH_PANEL)] = False,
+        keep_deleted: Annotated[bool, typer.Option("--keep-deleted", help="Keep rows of sources that no longer exist in the consolidated output.", rich_help_panel=BATCH_PANEL)] = False,
+        wait: Annotated[bool, typer.Option("--wait", help="If another run holds OUTDIR, wait for it instead of exiting with code 4.", rich_help_panel=BATCH_PANEL)] = False,
+        max_errors: Annotated[str | None, typer.Option("--max-errors", help="Exit 0 unless more than N inputs (or N% of them) failed (default: any failure exits 1).", metavar="N|N%", rich_help_panel=BATCH_PANEL)] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be embedded, one per line, and exit (no model, nothing written).", rich_help_panel=BATCH_PANEL)] = False,
+        shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Rows per shard file: at most this much work is lost on a crash.", rich_help_panel=BATCH_PANEL)] = DEFAULT_SHARD_SIZE,
+        model: ModelOpt = None,
+        revision: RevisionOpt = None,
+        device: DeviceOpt = None,
+        dtype: DtypeOpt = None,
+        feature: FeatureOpt = None,
+        normalize: NormalizeOpt = None,
+        batch_size: BatchSizeOpt = None,
+        out_dtype: OutDtypeOpt = None,
+        preprocess: PreprocessOpt = None,
+        resize: ResizeOpt = None,
+        crop_size: CropOpt = None,
+        mean: MeanOpt = None,
+        std: StdOpt = None,
+        resample: ResampleOpt = None,
+        timeout: TimeoutOpt = None,
+        retries: RetriesOpt = None,
+        max_bytes: MaxBytesOpt = None,
+        max_pixels: MaxPixelsOpt = None,
+        workers: WorkersOpt = None,
+        verbose: VerboseOpt = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        reporter = Reporter(quiet=quiet, verbose=verbose)
+        with handle_errors(reporter):
+            settings = resolve_settings({
+                "model": model, "revision": revision, "device": device, "dtype": dtype, "feature": feature,
+                "normalize": normalize, "batch_size": batch_size, "out_dtype": out_dtype,
+                "preprocess": preprocess, "resize": resize, "crop_size": crop_size, "mean": mean, "std": std,
+                "resample": resample, "timeout": timeout, "retries": retries, "max_bytes": max_bytes,
+                "max_pixels": max_pixels, "workers": workers,
+            }).settings
+            code = run_batch(
+                inputs or [], output, settings, reporter,
+                from_files=from_file or [], texts=texts or [], text_field=text_field, hash_files=hash_,
+                keep_deleted=keep_deleted, wait=wait, max_errors=parse_max_errors(max_errors),
+                dry_run=dry_run, shard_size=shard_size,
+            )
+        raise typer.Exit(code)
+
+
+def request_of(settings: Any, modality: str) -> dict[str, Any]:
+    """The settings that decide the embedding space, as the user asked for them."""
+    keys = ["model", "revision", "feature", "normalize", "out_dtype"]
+    if modality == "image":
+        keys += ["preprocess", "resize", "crop_size", "mean", "std", "resample"]
+    return {key: getattr(settings, key) for key in keys}
+
+
+def run_batch(
+    inputs: list[str],
+    output: str,
+    settings: Any,
+    reporter: Reporter,
+    *,
+    from_files: list[str],
+    texts: list[str],
+    text_field: str | None,
+    hash_files: bool = False,
+    keep_deleted: bool = False,
+    wait: bool = False,
+    max_errors: tuple[float, bool] | None = None,
+    dry_run: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+) -> int:
+    """The batch command without Typer: collect, plan or run, report; return the exit code."""
+    from clipcli.batch.collect import collect_images, collect_texts
+    from clipcli.batch.runner import BatchOptions, BatchRunner
+
+    if texts and (inputs or from_files):
+        raise UsageError("one output directory holds either images or texts: use --texts without image inputs")
+    if text_field is not None and not texts:
+        raise UsageError("--text-field needs --texts FILE")
+    if not texts and not inputs and not from_files:
+        raise UsageError("no inputs given (pass directories, files, globs or URLs, --from-file LIST, or --texts FILE)")
+
+    collection = collect_texts(texts, text_field, sys.stdin) if texts else collect_images(inputs, from_files, sys.stdin)
+    unit = "images" if collection.modality == "image" else "texts"
+    events = CliEvents(reporter, unit=unit, outdir=output)
+    for message in collection.warnings:
+        reporter.warn(message)
+    options = BatchOptions(
+        hash=hash_files, keep_deleted=keep_deleted, shard_size=shard_size, batch_size=settings.batch_size,
+        workers=settings.workers, wait=wait, out_dtype=settings.out_dtype,
+    )
+    runner = BatchRunner(output, collection, options=options, events=events, request=request_of(settings, collection.modality))
+    if dry_run:
+        return _dry_run(runner.plan(), reporter, keep_deleted)
+
+    from clipcli.cli.embed import build_encoder
+    from clipcli.pipeline import ImageLoader
+
+    loader = ImageLoader(
+        timeout=settings.timeout, retries=settings.retries, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels
+    )
+    try:
+        with sigterm_as_interrupt():
+            result = runner.run(lambda: build_encoder(settings, reporter), loader)
+    finally:
+        events.stop()
+        loader.close()
+    _report(result, events, reporter)
+    return EXIT_INPUTS_FAILED if too_many_failures(result.failed, result.plan.total, max_errors) else EXIT_OK
+
+
+def _dry_run(plan: Plan, reporter: Reporter, keep_deleted: bool) -> int:
+    from clipcli.writers import escape_line
+
+    for failure in plan.failures:
+        reporter.skip(failure.source, failure.reason)
+    out = sys.stdout
+    for item in plan.todo:
+        out.write(escape_line(item.source) + "\n")
+    out.flush()
+    if not reporter.quiet:
+        deleted = len(plan.deleted)
+        gone = f", {deleted} deleted ({'kept' if keep_deleted else 'to drop from the output'})" if deleted else ""
+        Reporter._line(f"dry run: would embed {len(plan.todo)}, skip {plan.skipped} (already done){gone}")
+    return EXIT_OK
+
+
+def _report(result: RunResult, events: CliEvents, reporter: Reporter) -> None:
+    if events.truncated_count and not reporter.quiet:
+        reporter.warn(f"{events.truncated_count} text(s) were cut to the model's maximum length")
+    if not reporter.quiet:
+        Reporter._line(f"batch: {result.summary}")
