@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from clipcli import __version__
-from clipcli.cli import batch_cmd, config_cmd, embed
+from clipcli.cli import batch_cmd, config_cmd, embed, serve_cmd
 
 app = typer.Typer(
     name="clipcli",
@@ -34,6 +34,7 @@ def _root(
 embed.register(app)
 batch_cmd.register(app)
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(serve_cmd.app, name="serve")
 
 
 def main() -> None:
