@@ -10,6 +10,18 @@ Features:
 - ``pooled``: ``pooler_output`` of ``CLIPVisionModel`` / ``CLIPTextModel``.
 - ``projected``: the joint image-text space, equal to ``CLIPModel.get_image_features`` /
   ``get_text_features``; loaded as ``CLIP*ModelWithProjection`` so only one tower is read.
+
+Speed (none of it changes a vector on the default path):
+- Image preprocessing runs an exact re-implementation of the PIL-backend ``CLIPImageProcessor``
+  (same size arithmetic, the same Pillow resize, crop, float64 rescale and float32 normalise)
+  when the checkpoint's processor is one it covers; it is checked against the processor itself
+  on probe images when first used and falls back to the processor on any difference. It skips
+  the processor's full-resolution copies (convert, array, transpose, array again), which cost
+  more than the resize itself on large photos.
+- ``quantize="int8"`` (opt-in, CPU): dynamic int8 quantisation of the towers' linear layers.
+  Vectors change slightly (cosine to float32 typically > 0.999), so it is never the default.
+- ``compile=True`` (opt-in): ``torch.compile`` of the towers; if compiling fails the encoder
+  runs uncompiled and records why in :attr:`Encoder.compile_error` (and warns).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ if TYPE_CHECKING:
 
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model", "clip_text_model")
 FEATURES = ("pooled", "projected")
+QUANTIZE_MODES = ("int8",)
 
 
 @contextlib.contextmanager
@@ -135,15 +148,39 @@ class Encoder:
         feature: str = "pooled",
         normalize: bool = False,
         preprocess: PreprocessSpec | ImageTransform | None = None,
+        quantize: str | None = None,
+        compile: bool = False,
     ) -> None:
         if feature not in FEATURES:
             raise UsageError(f"unknown feature {feature!r} (expected pooled or projected)")
+        if quantize is not None:
+            quantize = str(quantize).strip().lower()
+            if quantize in ("", "none", "no", "off"):
+                quantize = None
+            elif quantize not in QUANTIZE_MODES:
+                raise UsageError(f"unknown quantization {quantize!r} (expected int8 or none)")
         self.model_id = model
         self.revision = revision
         self.feature = feature
         self.normalize = normalize
         self.device = resolve_device(device)
         self.torch_dtype = resolve_dtype(dtype, self.device)
+        if quantize == "int8":
+            import torch
+
+            if self.device != "cpu":
+                raise ModelError(
+                    f"int8 quantization runs on the CPU only, not on {self.device!r} "
+                    "(on a GPU use --dtype float16 or bfloat16 instead)"
+                )
+            if self.torch_dtype != torch.float32:
+                raise ModelError("int8 quantization needs --dtype float32 (or auto) on the CPU")
+        self.quantize = quantize
+        self.compile = bool(compile)
+        self.compile_error: str | None = None  # why torch.compile was given up, if it was
+        self._eager: dict[str, Any] = {}  # uncompiled towers, to fall back to
+        self._fast_transform: _ExactClipTransform | None = None
+        self._fast_checked = False
         self._custom_transform: ImageTransform | None = None
         self._spec = PreprocessSpec()
         if callable(preprocess):
@@ -209,7 +246,13 @@ class Encoder:
         except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
             raise self._fail(f"the {tower} tower", exc) from exc
         model.eval()
-        return model.to(self.device)
+        model = model.to(self.device)
+        if self.quantize == "int8":
+            model = _quantize_int8(model)
+        if self.compile:
+            self._eager[tower] = model
+            model = _compile(model)
+        return model
 
     @property
     def vision_model(self) -> Any:
@@ -262,6 +305,7 @@ class Encoder:
         self.vision_model  # noqa: B018 - loading is the point
         if self._custom_transform is None:
             self.processor  # noqa: B018
+            self._exact_transform()
 
     def prepare_texts(self) -> None:
         """Load everything text encoding needs."""
@@ -306,6 +350,8 @@ class Encoder:
             "device": self.device,
             "clipcli_version": __version__,
         }
+        if self.quantize:
+            meta["quantize"] = self.quantize
         if tower == "vision":
             meta["preprocessing"] = self.preprocessing()
         else:
@@ -320,14 +366,42 @@ class Encoder:
             if array.ndim != 3:
                 raise UsageError(f"custom preprocessing must return a CHW array, got shape {array.shape}")
             return array
+        fast = self._exact_transform()
+        if fast is not None:
+            array = fast(image)
+            if array is not None:
+                return array
         out = self.processor(images=image, return_tensors="np")
         return np.asarray(out["pixel_values"][0], dtype=np.float32)
+
+    def _exact_transform(self) -> _ExactClipTransform | None:
+        """The verified fast re-implementation of the processor, or None where it does not apply."""
+        if not self._fast_checked:
+            with self._lock:
+                if not self._fast_checked:
+                    fast = None
+                    if self._custom_transform is None:
+                        fast = _ExactClipTransform.for_processor(self.processor)
+                    self._fast_transform = fast
+                    self._fast_checked = True
+        return self._fast_transform
+
+    def decode_size(self) -> int | None:
+        """The smallest image edge the preprocessing needs, or None if it needs full resolution.
+
+        Used for the opt-in reduced-size JPEG decoding (``ImageLoader(fast_decode=True)``): an
+        image whose shorter edge is at least this large is resized down to it anyway.
+        """
+        if self._custom_transform is not None:
+            return None
+        fast = self._exact_transform()
+        return fast.needed_edge if fast is not None else None
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """An (N, 3, H, W) float32 pixel batch -> (N, D) float32 vectors."""
         import torch
 
-        model = self.vision_model
+        self.vision_model  # noqa: B018 - load (or fail) before converting the batch
         tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
 
         def forward(chunk: torch.Tensor) -> torch.Tensor:
@@ -335,7 +409,7 @@ class Encoder:
                 chunk = chunk.pin_memory().to(self.device, non_blocking=True)
             else:
                 chunk = chunk.to(self.device)
-            out = model(pixel_values=chunk.to(self.torch_dtype))
+            out = self._call_tower("vision", pixel_values=chunk.to(self.torch_dtype))
             return out.image_embeds if self.feature == "projected" else out.pooler_output
 
         return self._run(forward, tensor)
@@ -365,25 +439,24 @@ class Encoder:
         """Token id lists -> (N, D) vectors; padded to the longest in the batch (right, masked)."""
         import torch
 
-        model = self.text_model
+        self.text_model  # noqa: B018
         if not ids:
             return np.zeros((0, self.dim("text")), dtype=np.float32)
         pad = self.tokenizer.pad_token_id
         pad = 0 if pad is None else pad
         width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        both = np.zeros((len(ids), 2 * width), dtype=np.int64)
+        both[:, :width] = pad
         for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
-        both = torch.cat([input_ids, mask], dim=1)
+            both[i, : len(row)] = row
+            both[i, width : width + len(row)] = 1
 
         def forward(chunk: torch.Tensor) -> torch.Tensor:
             chunk = chunk.to(self.device)
-            out = model(input_ids=chunk[:, :width], attention_mask=chunk[:, width:])
+            out = self._call_tower("text", input_ids=chunk[:, :width], attention_mask=chunk[:, width:])
             return out.text_embeds if self.feature == "projected" else out.pooler_output
 
-        return self._run(forward, both)
+        return self._run(forward, torch.from_numpy(both))
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> (N, D) float32 vectors (cut to the model's maximum length)."""
@@ -391,6 +464,30 @@ class Encoder:
         return self.encode_token_ids(ids)
 
     # ------------------------------------------------------------------ forward
+    def _call_tower(self, tower: str, **inputs: Any) -> Any:
+        """Run one tower; a compiled tower that fails to compile falls back to eager once."""
+        model = self.vision_model if tower == "vision" else self.text_model
+        eager = self._eager.get(tower)
+        if eager is None or model is eager:
+            return model(**inputs)
+        try:
+            return model(**inputs)
+        except Exception as exc:
+            if _is_oom(exc):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.compile_error = f"{type(exc).__name__}: {first}"[:300]
+            warnings.warn(
+                f"torch.compile failed, running the {tower} tower uncompiled: {self.compile_error}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            if tower == "vision":
+                self._vision = eager
+            else:
+                self._text = eager
+            return eager(**inputs)
+
     def _run(self, forward: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> np.ndarray:
         """Run ``forward`` over ``batch`` in chunks, halving the chunk on out-of-memory.
 
@@ -421,6 +518,202 @@ class Encoder:
                 continue
             start += size
         return np.concatenate(results, axis=0)
+
+
+def _quantize_int8(model: Any) -> Any:
+    """Dynamic int8 quantisation of every ``nn.Linear``.
+
+    Weights are quantised once, per output channel; activations are quantised on the fly with
+    one scale per input tensor, i.e. per batch, so (unlike float32) a vector can move slightly
+    with the other inputs of its batch.
+    """
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        try:
+            return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        except Exception as exc:  # a torch build without a quantized engine
+            raise ModelError(f"int8 quantization is not available in this torch build: {exc}") from exc
+
+
+def _compile(model: Any) -> Any:
+    """``torch.compile`` a tower; errors surface (and fall back) on the first forward pass."""
+    import torch
+
+    try:
+        return torch.compile(model, dynamic=None)
+    except Exception:  # e.g. an unsupported Python version: run eager
+        return model
+
+
+class _ExactClipTransform:
+    """The PIL-backend ``CLIPImageProcessor`` re-implemented for RGB images, bit for bit.
+
+    Same steps as the processor: shortest-edge (or fixed) resize with Pillow and the same size
+    arithmetic, center crop (zero padding when the image is smaller than the crop), rescale in
+    float64 then cast to float32, normalise in float32. What it skips are the processor's
+    conversions of the full-size image (convert, ``np.array``, channel transposes and a
+    ``fromarray`` round trip before the resize). Built only for processor settings it covers,
+    and only after matching the processor exactly on probe images; anything else (other modes,
+    padding options, a torchvision backend) keeps using the processor.
+    """
+
+    TOLERANCE = 1e-6
+
+    def __init__(
+        self,
+        *,
+        resize: tuple[str, int, int] | None,
+        resample: int,
+        crop: tuple[int, int] | None,
+        rescale: float | None,
+        mean: np.ndarray | None,
+        std: np.ndarray | None,
+    ) -> None:
+        self.resize = resize  # ("shortest", edge, 0) or ("fixed", height, width)
+        self.resample = resample
+        self.crop = crop
+        self.rescale = rescale
+        self.mean = mean
+        self.std = std
+
+    @property
+    def needed_edge(self) -> int | None:
+        """Shorter image edge at or above which the first step is a downscaling resize."""
+        if self.resize is None:
+            return None
+        kind, a, b = self.resize
+        return a if kind == "shortest" else max(a, b)
+
+    @classmethod
+    def for_processor(cls, processor: Any) -> _ExactClipTransform | None:
+        """The transform for ``processor``, or None if it is not covered or does not match it."""
+        try:
+            plan = cls._plan(processor)
+            if plan is None or not plan._matches(processor):
+                return None
+        except Exception:  # an unexpected processor: keep using it as it is
+            return None
+        return plan
+
+    @classmethod
+    def _plan(cls, p: Any) -> _ExactClipTransform | None:
+        backend = getattr(p, "backend", None)
+        if backend not in (None, "pil"):
+            return None  # torchvision resizes differently
+        if backend is None and type(p).__name__ != "CLIPImageProcessor":
+            return None
+        if getattr(p, "do_pad", None):
+            return None
+        resize = None
+        if getattr(p, "do_resize", False):
+            size = p.size
+            get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+            others = ("longest_edge", "max_height", "max_width", "min_pixels", "max_pixels")
+            if any(get(k) for k in others):
+                return None
+            if get("shortest_edge"):
+                resize = ("shortest", int(get("shortest_edge")), 0)
+            elif get("height") and get("width"):
+                resize = ("fixed", int(get("height")), int(get("width")))
+            else:
+                return None
+        crop = None
+        if getattr(p, "do_center_crop", False):
+            size = p.crop_size
+            get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+            if not (get("height") and get("width")):
+                return None
+            crop = (int(get("height")), int(get("width")))
+        resample = getattr(p, "resample", None)
+        resample = 2 if resample is None else int(resample)  # the processor's default: bilinear
+        rescale = float(p.rescale_factor) if getattr(p, "do_rescale", False) else None
+        mean = std = None
+        if getattr(p, "do_normalize", False):
+            mean = np.array(_three(p.image_mean), dtype=np.float32)
+            std = np.array(_three(p.image_std), dtype=np.float32)
+        return cls(resize=resize, resample=resample, crop=crop, rescale=rescale, mean=mean, std=std)
+
+    def _matches(self, processor: Any) -> bool:
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        for w, h in ((61, 37), (37, 61), (224, 224), (300, 211), (5, 3), (333, 500)):
+            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+            ours = self(image)
+            theirs = np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0], dtype=np.float32)
+            if ours is None or ours.shape != theirs.shape:
+                return False
+            if not np.all(np.abs(ours - theirs) <= self.TOLERANCE):
+                return False
+        return True
+
+    def __call__(self, image: Image.Image) -> np.ndarray | None:
+        """CHW float32 pixels, or None for an image this path does not cover (not plain RGB)."""
+        if image.mode != "RGB" or image.info.get("transparency") is not None:
+            return None
+        if self.resize is not None:
+            w, h = image.size
+            kind, a, b = self.resize
+            if kind == "shortest":
+                short, long = (w, h) if w <= h else (h, w)
+                new_long = int(a * long / short)
+                new_w, new_h = (a, new_long) if w <= h else (new_long, a)
+            else:
+                new_h, new_w = a, b
+            image = image.resize((new_w, new_h), resample=self.resample)
+        array = np.asarray(image)  # HWC uint8
+        if self.crop is not None:
+            array = _center_crop(array, *self.crop)
+        # Rescale and normalise act on each uint8 value alone: a 256-entry table per channel,
+        # computed with exactly the processor's operations, gives the same floats faster.
+        out = np.empty((3,) + array.shape[:2], dtype=np.float32)
+        for c in range(3):
+            np.take(self._table[:, c], array[..., c], out=out[c])
+        return out
+
+    @property
+    def _table(self) -> np.ndarray:
+        table = getattr(self, "_lut", None)
+        if table is None:
+            values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # (256, 3) uint8
+            if self.rescale is not None:
+                table = (values.astype(np.float64) * self.rescale).astype(np.float32)
+            else:
+                table = values.astype(np.float32)
+            if self.mean is not None:
+                table = (table - self.mean) / self.std
+            self._lut = table = np.ascontiguousarray(table, dtype=np.float32)
+        return table
+
+
+def _three(values: Any) -> list[float]:
+    values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values] * 3)]
+    if len(values) != 3:
+        raise ValueError("expected 3 values")
+    return values
+
+
+def _center_crop(array: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """transformers' ``center_crop`` on an HWC array (zero-pads an image smaller than the crop)."""
+    import math
+
+    h, w = array.shape[:2]
+    top = (h - crop_h) // 2
+    left = (w - crop_w) // 2
+    if top >= 0 and left >= 0 and top + crop_h <= h and left + crop_w <= w:
+        return array[top : top + crop_h, left : left + crop_w]
+    new_h, new_w = max(crop_h, h), max(crop_w, w)
+    padded = np.zeros((new_h, new_w) + array.shape[2:], dtype=array.dtype)
+    top_pad = math.ceil((new_h - h) / 2)
+    left_pad = math.ceil((new_w - w) / 2)
+    padded[top_pad : top_pad + h, left_pad : left_pad + w] = array
+    top += top_pad
+    left += left_pad
+    return padded[max(0, top) : min(new_h, top + crop_h), max(0, left) : min(new_w, left + crop_w)]
 
 
 def load_config(model: str, revision: str | None = None) -> Any:

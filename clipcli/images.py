@@ -23,6 +23,13 @@ Decoding rules:
   ``F`` is read as 0..1 when all finite samples lie in [0, 1] (times 255), else clipped to
   0..255; NaN becomes 0. The scaling is fixed, not stretched per image, so equal sample values
   give equal pixels in every file. (16-bit RGB PNGs already open as 8-bit ``RGB`` in Pillow.)
+* **Reduced-size JPEG decoding** (opt-in, ``draft_size``): libjpeg can decode a JPEG at 1/2,
+  1/4 or 1/8 scale in the DCT domain (Pillow's ``Image.draft``), several times faster for large
+  photos. The strongest reduction that keeps both edges at least ``draft_size`` pixels is used,
+  so a later shortest-edge resize still downsamples. Pixels differ from a full decode followed
+  by the same resize (vectors stay close, not equal), which is why it is never the default.
+* **No needless copies.** An image that is already plain RGB (most JPEGs) is returned as decoded
+  instead of through ``convert("RGB")``, which would copy it (36 MB for a 12 MP photo).
 """
 
 from __future__ import annotations
@@ -206,11 +213,15 @@ def _strerror(e: OSError) -> str:
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
     """Decode image bytes into a loaded RGB image (first frame, EXIF orientation applied).
 
     See the module docstring for the conversion rules. Raises ``InputError(stage="decode")``
     for empty, non-image, unsupported, truncated/corrupt or oversized (> ``max_pixels``) data.
+    ``draft_size`` (opt-in, JPEG only) decodes at the strongest reduction (1/8, 1/4 or 1/2) that
+    keeps both edges at least that many pixels; ``max_pixels`` still applies to the full size.
     """
     if not data:
         raise InputError("empty file", stage="decode")
@@ -232,11 +243,16 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         _check_pixels(img.size, max_pixels)
         fmt = img.format or "image"
         try:
+            if draft_size and fmt == "JPEG":
+                img.draft(None, (draft_size, draft_size))
             img.load()  # first frame only; Image.open leaves multi-frame files at frame 0
             # GIF frames may enlarge the canvas while loading, so look again.
             _check_pixels(img.size, max_pixels)
             oriented = _apply_exif_orientation(img)
-            rgb = to_rgb(oriented)
+            if oriented.mode == "RGB" and oriented.info.get("transparency") is None:
+                rgb = oriented  # already what convert("RGB") would copy it into
+            else:
+                rgb = to_rgb(oriented)
             rgb.load()
         except InputError:
             raise

@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ SOURCES = "sources.txt"
 INDEX = "index.jsonl"
 ERRORS = "errors.jsonl"
 SHARDS = "shards"
+COPY_ROWS = 65536  # rows copied at a time while consolidating or merging
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.(npy|jsonl)$")
 
 
@@ -316,12 +317,16 @@ class Layout:
     def outputs_exist(self) -> bool:
         return all(p.is_file() for p in (self.embeddings_path, self.sources_path, self.index_path))
 
-    def consolidate(self, selection: Sequence[RowRef], dim: int, dtype: str) -> None:
+    def consolidate(
+        self, selection: Sequence[RowRef], dim: int, dtype: str, *, arrays: Mapping[int, Path] | None = None
+    ) -> None:
         """Write embeddings.npy, sources.txt and index.jsonl for ``selection`` (in that order).
 
-        Streaming: the matrix is a memory map filled shard by shard, so memory holds one shard
-        at a time whatever the size of the collection. All three files are complete before
-        the first is renamed into place.
+        Streaming: the matrix is a memory map filled from one memory-mapped source at a time,
+        :data:`COPY_ROWS` rows at a time, so memory stays flat whatever the size of the
+        collection. All three files are complete before the first is renamed into place.
+        ``arrays`` maps ``RowRef.shard`` to the ``.npy`` holding its rows (default: this
+        directory's shards; ``clipcli batch merge`` passes other directories' outputs).
         """
         n = len(selection)
         tmp_npy = self.root / f".{EMBEDDINGS}.{os.getpid()}.tmp"
@@ -335,10 +340,13 @@ class Layout:
                 src.append(ref.row)
             for number in sorted(by_shard):
                 dst, src = by_shard[number]
-                shard = np.load(self.npy(number), mmap_mode="r", allow_pickle=False)
-                if shard.shape[1] != dim:
-                    raise UsageError(f"shard {self.npy(number).name} has {shard.shape[1]} columns, expected {dim}")
-                matrix[np.asarray(dst)] = shard[np.asarray(src)]
+                path = self.npy(number) if arrays is None else arrays[number]
+                shard = np.load(path, mmap_mode="r", allow_pickle=False)
+                if shard.ndim != 2 or shard.shape[1] != dim:
+                    raise UsageError(f"{path} has shape {shard.shape}, expected {dim} columns")
+                for start in range(0, len(dst), COPY_ROWS):
+                    rows = np.asarray(src[start : start + COPY_ROWS])
+                    matrix[np.asarray(dst[start : start + COPY_ROWS])] = shard[rows]
                 del shard
             matrix.flush()
             del matrix

@@ -24,13 +24,24 @@ class OutputLock:
 
     ``wait=False``: raise :class:`OutputLockedError` at once when another process holds it.
     ``wait=True``: call ``on_wait(holder)`` once, then block until the holder is done.
+    ``shared=True`` (readers such as ``clipcli batch merge``): a shared lock that only keeps
+    batch runs out, opened read-only (read-only inputs work); a directory without a lock
+    file is not locked at all (no batch run ever used it).
     """
 
-    def __init__(self, directory: str | Path, *, wait: bool = False, on_wait: Callable[[str], object] | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        wait: bool = False,
+        on_wait: Callable[[str], object] | None = None,
+        shared: bool = False,
+    ) -> None:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self.wait = wait
         self.on_wait = on_wait
+        self.shared = shared
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -40,12 +51,20 @@ class OutputLock:
             raise UsageError("clipcli batch needs fcntl.flock (Linux, macOS, BSD) to lock its output directory") from None
 
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            if self.shared:
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            else:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except FileNotFoundError:
+            if self.shared:
+                return
+            raise UsageError(f"cannot create lock file {self.path}: no such directory") from None
         except OSError as exc:
-            raise UsageError(f"cannot create lock file {self.path}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot {'open' if self.shared else 'create'} lock file {self.path}: {exc.strerror or exc}") from None
+        mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
                 if not self.wait:
@@ -55,8 +74,9 @@ class OutputLock:
                     ) from None
                 if self.on_wait is not None:
                     self.on_wait(holder)
-                fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C still interrupts this (PEP 475)
-            _write_holder(fd)
+                fcntl.flock(fd, mode)  # Ctrl-C still interrupts this (PEP 475)
+            if not self.shared:
+                _write_holder(fd)
         except BaseException:
             os.close(fd)
             raise

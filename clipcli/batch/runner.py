@@ -14,10 +14,16 @@ One run, under the output directory's lock:
 6. write manifest.json with the counts, timings and a one-line summary.
 
 Progress is reported through :class:`Events`; the CLI turns that into a bar or log lines.
+
+``BatchOptions(shard=(I, N))`` keeps only the sources whose :func:`shard_of` is I (a hash of
+the source label, so a source stays in its part as others come and go); the manifest records
+the part and a run with another part is refused. An :class:`Engine` (``--engine ray``)
+replaces step 4's embedding only; planning, committing and consolidation stay here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -26,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -47,6 +53,35 @@ SPACE_KEYS = ("modality", "model", "revision", "feature", "normalized", "preproc
 _HASH_CHUNK = 1 << 20
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` (1 <= I <= N) -> (I, N); anything else is a UsageError (exit 2)."""
+    parts = text.strip().split("/")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        index, count = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise UsageError(f"invalid --shard {text!r}: expected I/N, e.g. 1/4 (part I of N, counted from 1)") from None
+    if count < 1 or not 1 <= index <= count:
+        raise UsageError(f"invalid --shard {text!r}: I must be between 1 and N (1/{max(count, 1)} .. {max(count, 1)}/{max(count, 1)})")
+    return index, count
+
+
+def shard_of(source: str, count: int) -> int:
+    """Which part (1..count) a source belongs to: sha256 of its label, mod ``count``.
+
+    Hashing each source on its own (not its position in the sorted list) keeps every source in
+    its part when others are added or removed, so incremental reruns of each part stay
+    incremental. The same label always lands in the same part, on any machine.
+    """
+    digest = hashlib.sha256(source.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") % count + 1
+
+
+def shard_label(shard: tuple[int, int] | None) -> str | None:
+    return None if shard is None else f"{shard[0]}/{shard[1]}"
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -62,6 +97,34 @@ class BatchOptions:
     workers: int = 0
     wait: bool = False
     out_dtype: str = "float32"
+    shard: tuple[int, int] | None = None  # (I, N): embed only part I of N (see shard_of)
+
+
+class Engine(Protocol):
+    """Where the pending items are embedded (the default, in-process, needs none).
+
+    :meth:`embed` yields lists of :class:`~clipcli.pipeline.Embedded` / ``Failed`` in any
+    order; :attr:`info` (read after embedding) goes into the manifest under ``engine``
+    (``device`` and ``model_dtype`` replace the driver's); :meth:`close` releases the workers.
+    """
+
+    name: str
+    info: dict[str, Any]
+
+    def embed(
+        self,
+        items: Sequence[Item],
+        *,
+        modality: str,
+        encoder_factory: Callable[[], Encoder],
+        batch_size: int,
+        on_truncated: Callable[[str], Any] | None = None,
+    ) -> Iterator[list[Any]]: ...
+
+    def start(self, modality: str) -> None:
+        """Get the workers ready (called before anything is written; may raise UsageError)."""
+
+    def close(self) -> None: ...
 
 
 class Events:
@@ -171,10 +234,15 @@ class BatchRunner:
         state = self.layout.scan(clean=False, warn=self.events.warning)
         return self._plan(state)
 
+    def _mine(self, source: str) -> bool:
+        """Whether ``source`` belongs to this run's ``--shard`` (always, without one)."""
+        shard = self.options.shard
+        return shard is None or shard_of(source, shard[1]) == shard[0]
+
     def _current_items(self) -> list[Item]:
         if self.collection.modality == "text":
-            return [Item(t.source, t.record(), t.text) for t in self.collection.texts]
-        sources = self.collection.images
+            return [Item(t.source, t.record(), t.text) for t in self.collection.texts if self._mine(t.source)]
+        sources = [s for s in self.collection.images if self._mine(s)]
         if not self.options.hash:
             return [Item(s, _file_record(s, hashed=False)) for s in sources]
         # Hashing reads every file: overlap it over threads (hashlib releases the GIL).
@@ -195,10 +263,23 @@ class BatchRunner:
             else:
                 todo.append(item)
         deleted = sorted(s for s in state.latest if s not in current)
-        return Plan(self.collection.modality, current, todo, skipped, deleted, list(self.collection.failures))
+        failures = [f for f in self.collection.failures if self._mine(f.source)]
+        return Plan(self.collection.modality, current, todo, skipped, deleted, failures)
 
     # ------------------------------------------------------------------ the guard
     def _check_modality(self, manifest: dict[str, Any] | None) -> None:
+        if manifest is not None and manifest.get("merged") is not None:
+            raise UsageError(
+                f"{self.layout.root} was made by clipcli batch merge; a merged result is not a batch "
+                "output directory: run batches into their own --output directories and merge again"
+            )
+        if manifest is not None and manifest.get("shard") != shard_label(self.options.shard):
+            there, now = manifest.get("shard"), shard_label(self.options.shard)
+            raise UsageError(
+                f"{self.layout.root} holds {'shard ' + there if there else 'a whole collection (no --shard)'}, "
+                f"this run asks for {'shard ' + now if now else 'the whole collection'}: each --shard "
+                "part goes into its own --output directory"
+            )
         if manifest is not None and manifest.get("modality") != self.collection.modality:
             raise UsageError(
                 f"{self.layout.root} holds {manifest.get('modality')} embeddings; "
@@ -229,12 +310,17 @@ class BatchRunner:
             raise UsageError(_mismatch_message(self.layout.root, diffs))
 
     # ------------------------------------------------------------------ running
-    def run(self, encoder_factory: Callable[[], Encoder], loader: ImageLoader | None = None) -> RunResult:
+    def run(
+        self, encoder_factory: Callable[[], Encoder], loader: ImageLoader | None = None, engine: Engine | None = None
+    ) -> RunResult:
         """Lock OUTDIR, embed what is missing, consolidate; see the module docstring.
 
         ``encoder_factory`` is called only when the model is needed. KeyboardInterrupt: the
         rows embedded so far are committed as a shard, the manifest says ``interrupted``, and
-        the exception propagates.
+        the exception propagates. ``engine`` (e.g. :class:`~clipcli.batch.ray_engine.RayEngine`)
+        embeds the pending items elsewhere; everything else (plan, guard, shards, consolidation)
+        stays here, so every engine gives the same OUTDIR. With an engine the encoder built here
+        only describes the embedding space (config and processor); its weights are not loaded.
         """
         started_clock = time.monotonic()
         started = now_iso()
@@ -251,45 +337,64 @@ class BatchRunner:
             self._check_request(manifest)
             plan = self._plan(state)
             self.events.planned(plan)
-            result = RunResult(plan, skipped=plan.skipped)
-
-            encoder: Encoder | None = None
-            if manifest is None or plan.todo or self.request is None or manifest.get("request") != self.request:
-                self.events.phase("loading model")
-                encoder = encoder_factory()
-                space = self._space(encoder)
-                if manifest is not None:
-                    self._check_space(manifest, space)
-            else:
-                assert manifest is not None
-                space = {key: manifest.get(key) for key in (*SPACE_KEYS, *_INFO_KEYS) if key in manifest}
-            base = self._manifest_base(manifest, space, started)
-            self.layout.write_manifest({**base, "status": "running"})
-
-            errors = ErrorLog(self.layout.errors_path)
             try:
-                for failure in plan.failures:
-                    self._fail(errors, failure, result)
-                if plan.todo:
-                    assert encoder is not None
-                    self._embed(plan, state, encoder, loader, errors, result, base, started_clock)
+                if engine is not None and plan.todo:
+                    # Connect and check resources now: a wrong option fails before anything is written.
+                    engine.start(self.collection.modality)
+                return self._run_planned(manifest, state, plan, encoder_factory, loader, engine, started, started_clock)
             finally:
-                errors.close()
+                if engine is not None:
+                    engine.close()
 
-            self.events.phase("consolidating")
-            consolidated = self._consolidate(plan, state, base, result)
-            result.elapsed_s = time.monotonic() - started_clock
-            result.summary = self._summary(result)
-            result.manifest = {
-                **base,
-                "status": "complete",
-                "counts": self._counts(result),
-                "timings": self._timings(result, started),
-                "summary": result.summary,
-                "consolidated": consolidated,
-            }
-            self.layout.write_manifest(result.manifest)
-            return result
+    def _run_planned(
+        self,
+        manifest: dict[str, Any] | None,
+        state: State,
+        plan: Plan,
+        encoder_factory: Callable[[], Encoder],
+        loader: ImageLoader | None,
+        engine: Engine | None,
+        started: str,
+        started_clock: float,
+    ) -> RunResult:
+        result = RunResult(plan, skipped=plan.skipped)
+        encoder: Encoder | None = None
+        if manifest is None or plan.todo or self.request is None or manifest.get("request") != self.request:
+            self.events.phase("loading model")
+            encoder = encoder_factory()
+            space = self._space(encoder)
+            if manifest is not None:
+                self._check_space(manifest, space)
+        else:
+            assert manifest is not None
+            space = {key: manifest.get(key) for key in (*SPACE_KEYS, *_INFO_KEYS) if key in manifest}
+        base = self._manifest_base(manifest, space, started)
+        self.layout.write_manifest({**base, "status": "running"})
+
+        errors = ErrorLog(self.layout.errors_path)
+        try:
+            for failure in plan.failures:
+                self._fail(errors, failure, result)
+            if plan.todo:
+                assert encoder is not None
+                self._embed(plan, state, encoder, loader, errors, result, base, started_clock, engine, encoder_factory)
+        finally:
+            errors.close()
+
+        self.events.phase("consolidating")
+        consolidated = self._consolidate(plan, state, base, result)
+        result.elapsed_s = time.monotonic() - started_clock
+        result.summary = self._summary(result)
+        result.manifest = {
+            **base,
+            "status": "complete",
+            "counts": self._counts(result),
+            "timings": self._timings(result, started),
+            "summary": result.summary,
+            "consolidated": consolidated,
+        }
+        self.layout.write_manifest(result.manifest)
+        return result
 
     def _space(self, encoder: Encoder) -> dict[str, Any]:
         meta = dict(encoder.metadata(self.tower))
@@ -301,6 +406,7 @@ class BatchRunner:
             "format": "clipcli-batch",
             "layout_version": LAYOUT_VERSION,
             **{key: space[key] for key in (*SPACE_KEYS, *_INFO_KEYS) if key in space},
+            "shard": shard_label(self.options.shard),
             "options": {
                 "hash": self.options.hash,
                 "keep_deleted": self.options.keep_deleted,
@@ -339,21 +445,31 @@ class BatchRunner:
         result: RunResult,
         base: dict[str, Any],
         started_clock: float,
+        engine: Engine | None = None,
+        encoder_factory: Callable[[], Encoder] | None = None,
     ) -> None:
         from clipcli.pipeline import ImageLoader, TextItem, embed_images, embed_texts
 
         opts = self.options
         own_loader = None
-        if self.tower == "vision":
-            encoder.prepare_images()  # load weights before the clock starts
-        else:
-            encoder.prepare_texts()
+        if engine is None:  # (with an engine, its workers load the model)
+            if self.tower == "vision":
+                encoder.prepare_images()  # load weights before the clock starts
+            else:
+                encoder.prepare_texts()
         self.events.phase("embedding")
         clock = time.monotonic()
         records = {item.source: item.record for item in plan.todo}
         pending: list[tuple[dict[str, Any], np.ndarray]] = []
         batches: Iterator[list[Any]]
-        if self.tower == "vision":
+        if engine is not None:
+            assert encoder_factory is not None
+            base["engine"] = {"name": engine.name}
+            batches = engine.embed(
+                plan.todo, modality=self.collection.modality, encoder_factory=encoder_factory,
+                batch_size=opts.batch_size, on_truncated=self.events.truncated,
+            )
+        elif self.tower == "vision":
             if loader is None:
                 loader = own_loader = ImageLoader()
             batches = embed_images(
@@ -390,6 +506,16 @@ class BatchRunner:
                     pass  # a second Ctrl-C: the leftovers are cleaned by the next run
                 raise
         finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stop the workers now, not when the generator is collected
+            if engine is not None:
+                # What the workers ran on (e.g. cuda and bfloat16 on GPU actors) beats the driver's view.
+                info = dict(engine.info)
+                for key in ("device", "model_dtype"):
+                    if key in info:
+                        base[key] = info.pop(key)
+                base["engine"] = {"name": engine.name, **info}
             if own_loader is not None:
                 own_loader.close()
         result.embed_s = time.monotonic() - clock
@@ -483,7 +609,8 @@ def _comparable(key: str, value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _mismatch_message(root: Path, diffs: Sequence[tuple[str, Any, Any]]) -> str:
+def describe_differences(diffs: Sequence[tuple[str, Any, Any]], old_name: str | Path = "there", new_name: str | Path = "now") -> str:
+    """``key: OLD there, NEW now; ...``, naming the sub-settings of a table that differ."""
     flat: list[tuple[str, Any, Any]] = []
     for key, old, new in diffs:
         if isinstance(old, dict) and isinstance(new, dict):
@@ -492,7 +619,11 @@ def _mismatch_message(root: Path, diffs: Sequence[tuple[str, Any, Any]]) -> str:
             flat += [(f"{key}.{k}", old_c.get(k), new_c.get(k)) for k in sorted(set(old_c) | set(new_c)) if old_c.get(k) != new_c.get(k)]
         else:
             flat.append((key, old, new))
-    parts = "; ".join(f"{key}: {_show(old)} there, {_show(new)} now" for key, old, new in flat)
+    return "; ".join(f"{key}: {_show(old)} {old_name}, {_show(new)} {new_name}" for key, old, new in flat)
+
+
+def _mismatch_message(root: Path, diffs: Sequence[tuple[str, Any, Any]]) -> str:
+    parts = describe_differences(diffs)
     return (
         f"{root} was made with other settings ({parts}); vectors from different settings are never "
         "mixed: use the original settings or another --output directory"

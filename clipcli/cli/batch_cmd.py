@@ -8,13 +8,17 @@ final summary, ``--max-errors`` and the exit codes. torch is imported only when 
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
+import click
 import typer
+from typer.core import TyperCommand
 
 from clipcli.cli.common import (
     EXIT_INPUTS_FAILED,
@@ -42,7 +46,6 @@ from clipcli.cli.common import (
     StdOpt,
     TimeoutOpt,
     VerboseOpt,
-    WorkersOpt,
     handle_errors,
     resolve_settings,
 )
@@ -59,8 +62,19 @@ HELP = """Embed a whole collection into OUTDIR, resumably and incrementally.
 
 Rerunning the same command embeds only what is new or changed, continues after a crash or Ctrl-C, and never mixes settings. OUTDIR ends with embeddings.npy (rows sorted by source), sources.txt, index.jsonl, errors.jsonl and manifest.json.
 
+Scale out: --engine ray embeds on a Ray cluster; --shard I/N embeds part I of N (one OUTDIR per part, e.g. a Slurm array), and 'clipcli batch merge OUTDIR... -o MERGED' combines the parts (see clipcli batch merge --help).
+
 Example: clipcli batch ~/photos -o ~/photo-vectors --feature projected --normalize
 """
+
+MERGE_HELP = """Merge batch OUTDIRs (e.g. the parts of a --shard I/N split) into one result.
+
+MERGED gets embeddings.npy, sources.txt, index.jsonl, errors.jsonl and manifest.json with the rows of every input, sorted by source as a single run would; vectors are copied through memory maps, never all held in memory. Refused (exit 2): inputs made with different settings (model, revision, feature, normalize, preprocessing, dtype, modality), inputs that share a source, and incomplete inputs unless --allow-incomplete.
+
+Example: clipcli batch merge part-1 part-2 part-3 -o vectors
+"""
+ENGINES = ("local", "ray")
+RAY_PANEL = "Ray engine"
 
 
 def parse_max_errors(text: str | None) -> tuple[float, bool] | None:
@@ -184,10 +198,45 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``batch`` to ``app``."""
+class BatchCommand(TyperCommand):
+    """``batch`` that also answers ``batch merge ...`` (a command cannot have both INPUTS and
+    subcommands, so a first argument ``merge`` hands the rest to the merge command; a directory
+    literally named ``merge`` is given as ``./merge``)."""
 
-    @app.command("batch", help=HELP)
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
+        if args and args[0] == "merge":
+            return merge_command().make_context(f"{info_name or 'batch'} merge", list(args[1:]), parent=parent, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+def merge_command() -> click.Command:
+    """The click command behind ``clipcli batch merge``."""
+    merge_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
+
+    @merge_app.command("merge", help=MERGE_HELP)
+    def merge(
+        inputs: Annotated[list[str], typer.Argument(help="Batch output directories to merge (the parts of a --shard split).", metavar="OUTDIR", show_default=False)],
+        output: Annotated[str, typer.Option("--output", "-o", help="Directory for the merged result (new, empty, or an earlier merge result).", metavar="MERGED", show_default=False)],
+        allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Also merge inputs whose run did not finish (their committed shards: the rows embedded so far).")] = False,
+        wait: Annotated[bool, typer.Option("--wait", help="If a batch run holds an input or MERGED, wait for it instead of exiting with code 4.")] = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        from clipcli.batch.merge import merge_outputs
+
+        reporter = Reporter(quiet=quiet)
+        with handle_errors(reporter):
+            result = merge_outputs(inputs, output, allow_incomplete=allow_incomplete, wait=wait, warn=reporter.warn)
+            if not quiet:
+                Reporter._line(f"batch merge: {result.summary}")
+        raise typer.Exit(EXIT_OK)
+
+    return typer.main.get_command(merge_app)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``batch`` (and ``batch merge``) to ``app``."""
+
+    @app.command("batch", help=HELP, cls=BatchCommand)
     def batch(
         output: Annotated[str, typer.Option("--output", "-o", help="Output directory (created if needed; reuse it to resume or update).", metavar="OUTDIR", rich_help_panel=OUT_PANEL, show_default=False)],
         inputs: Annotated[list[str] | None, typer.Argument(help="Directories (recursive), image files, glob patterns ('photos/**/*.jpg') and http(s) URLs.", show_default=False)] = None,
@@ -200,6 +249,10 @@ def register(app: typer.Typer) -> None:
         max_errors: Annotated[str | None, typer.Option("--max-errors", help="Exit 0 unless more than N inputs (or N% of them) failed (default: any failure exits 1).", metavar="N|N%", rich_help_panel=BATCH_PANEL)] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be embedded, one per line, and exit (no model, nothing written).", rich_help_panel=BATCH_PANEL)] = False,
         shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Rows per shard file: at most this much work is lost on a crash.", rich_help_panel=BATCH_PANEL)] = DEFAULT_SHARD_SIZE,
+        shard: Annotated[str | None, typer.Option("--shard", help="Embed only part I of N of the sources (by a hash of each source: stable as files come and go), into this part's own OUTDIR; combine the parts with 'clipcli batch merge'.", metavar="I/N", rich_help_panel=BATCH_PANEL)] = None,
+        engine: Annotated[str, typer.Option("--engine", help="local: in this process; ray: on Ray Data (a local Ray, or a cluster with --ray-address); needs pip install 'clipcli[ray]'.", metavar="local|ray", rich_help_panel=RAY_PANEL)] = "local",
+        ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --engine ray: the cluster to join (auto: the one running on this machine; HOST:PORT; ray://HOST:PORT). Default: $RAY_ADDRESS, else a local Ray for this run.", metavar="ADDRESS", rich_help_panel=RAY_PANEL)] = None,
+        num_gpus_per_worker: Annotated[float | None, typer.Option("--num-gpus-per-worker", min=0, help="With --engine ray: GPUs per encoder actor (fractions share a GPU). Default: 1 when the cluster has GPUs, else 0.", rich_help_panel=RAY_PANEL)] = None,
         model: ModelOpt = None,
         revision: RevisionOpt = None,
         device: DeviceOpt = None,
@@ -218,12 +271,21 @@ def register(app: typer.Typer) -> None:
         retries: RetriesOpt = None,
         max_bytes: MaxBytesOpt = None,
         max_pixels: MaxPixelsOpt = None,
-        workers: WorkersOpt = None,
+        workers: Annotated[int | None, typer.Option(help="Loader threads (0: automatic); with --engine ray: encoder actors (0: one per GPU, or half the cluster's CPUs).", rich_help_panel=IN_PANEL)] = None,
         verbose: VerboseOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
         reporter = Reporter(quiet=quiet, verbose=verbose)
         with handle_errors(reporter):
+            if engine not in ENGINES:
+                raise UsageError(f"unknown --engine {engine!r} (expected local or ray)")
+            if engine != "ray" and (ray_address is not None or num_gpus_per_worker is not None):
+                raise UsageError("--ray-address and --num-gpus-per-worker need --engine ray")
+            if engine == "ray" and workers is not None and workers < 0:
+                raise UsageError("--workers must be 0 (automatic) or more")
+            from clipcli.batch.runner import parse_shard
+
+            shard_spec = parse_shard(shard) if shard is not None else None
             settings = resolve_settings({
                 "model": model, "revision": revision, "device": device, "dtype": dtype, "feature": feature,
                 "normalize": normalize, "batch_size": batch_size, "out_dtype": out_dtype,
@@ -235,7 +297,8 @@ def register(app: typer.Typer) -> None:
                 inputs or [], output, settings, reporter,
                 from_files=from_file or [], texts=texts or [], text_field=text_field, hash_files=hash_,
                 keep_deleted=keep_deleted, wait=wait, max_errors=parse_max_errors(max_errors),
-                dry_run=dry_run, shard_size=shard_size,
+                dry_run=dry_run, shard_size=shard_size, shard=shard_spec,
+                ray=RayArgs(ray_address, workers or 0, num_gpus_per_worker) if engine == "ray" else None,
             )
         raise typer.Exit(code)
 
@@ -263,11 +326,20 @@ def run_batch(
     max_errors: tuple[float, bool] | None = None,
     dry_run: bool = False,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    shard: tuple[int, int] | None = None,
+    ray: RayArgs | None = None,
 ) -> int:
-    """The batch command without Typer: collect, plan or run, report; return the exit code."""
+    """The batch command without Typer: collect, plan or run, report; return the exit code.
+
+    ``ray`` (not None) selects the Ray engine; ``shard`` = (I, N) embeds part I of N.
+    """
     from clipcli.batch.collect import collect_images, collect_texts
     from clipcli.batch.runner import BatchOptions, BatchRunner
 
+    if ray is not None and not dry_run:
+        from clipcli.batch.ray_engine import require_ray
+
+        require_ray()  # before any work: a missing extra is said at once (exit 2)
     if texts and (inputs or from_files):
         raise UsageError("one output directory holds either images or texts: use --texts without image inputs")
     if text_field is not None and not texts:
@@ -282,7 +354,7 @@ def run_batch(
         reporter.warn(message)
     options = BatchOptions(
         hash=hash_files, keep_deleted=keep_deleted, shard_size=shard_size, batch_size=settings.batch_size,
-        workers=settings.workers, wait=wait, out_dtype=settings.out_dtype,
+        workers=settings.workers, wait=wait, out_dtype=settings.out_dtype, shard=shard,
     )
     runner = BatchRunner(output, collection, options=options, events=events, request=request_of(settings, collection.modality))
     if dry_run:
@@ -291,17 +363,36 @@ def run_batch(
     from clipcli.cli.embed import build_encoder
     from clipcli.pipeline import ImageLoader
 
-    loader = ImageLoader(
-        timeout=settings.timeout, retries=settings.retries, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels
-    )
+    loader_args = {"timeout": settings.timeout, "retries": settings.retries, "max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels}
+    loader = ImageLoader(**loader_args)
+    engine = None
+    if ray is not None:
+        from clipcli.batch.ray_engine import RayEngine, RayOptions
+
+        engine = RayEngine(RayOptions(
+            address=ray.address, workers=ray.workers, num_gpus_per_worker=ray.num_gpus_per_worker,
+            # What each Ray worker calls: the same construction as here, minus the messages.
+            encoder_factory=functools.partial(build_encoder, settings, Reporter(quiet=True)),
+            loader_factory=functools.partial(ImageLoader, **loader_args),
+            progress_bars=reporter.verbose and not reporter.quiet,
+        ))
     try:
         with sigterm_as_interrupt():
-            result = runner.run(lambda: build_encoder(settings, reporter), loader)
+            result = runner.run(lambda: build_encoder(settings, reporter), loader, engine)
     finally:
         events.stop()
         loader.close()
     _report(result, events, reporter)
     return EXIT_INPUTS_FAILED if too_many_failures(result.failed, result.plan.total, max_errors) else EXIT_OK
+
+
+@dataclass(frozen=True)
+class RayArgs:
+    """The Ray engine's command-line options (workers: encoder actors, 0 = automatic)."""
+
+    address: str | None = None
+    workers: int = 0
+    num_gpus_per_worker: float | None = None
 
 
 def _dry_run(plan: Plan, reporter: Reporter, keep_deleted: bool) -> int:

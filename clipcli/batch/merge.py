@@ -1,0 +1,303 @@
+"""``clipcli batch merge``: combine the outputs of ``--shard I/N`` runs into one result.
+
+Each input is a batch OUTDIR. The merged directory gets what a single run over all the sources
+would have consolidated: ``embeddings.npy`` (rows sorted by source, as
+:func:`~clipcli.batch.layout.sort_key` orders them), ``sources.txt``, ``index.jsonl``, the
+inputs' ``errors.jsonl`` records, and a ``manifest.json`` with the common settings and a
+``merged`` section (one entry per input). It has no shards: it is a result, not a place to run
+batches into (the runner refuses it), but it can itself be merged again.
+
+Rules:
+
+* the settings that define the embedding space (:data:`~clipcli.batch.runner.SPACE_KEYS`:
+  modality, model, revision, feature, normalized, preprocessing, dtype) must be equal in every
+  input, else UsageError (exit 2);
+* every input must be complete (``status: complete``), else UsageError, unless
+  ``allow_incomplete``: then an incomplete input contributes its committed shards (the latest
+  row of every source embedded so far);
+* no source may be in two inputs (parts of one ``--shard`` split never overlap);
+* streaming: :meth:`Layout.consolidate` fills a memory-mapped matrix from memory-mapped inputs,
+  so memory holds the index lines, not the vectors;
+* inputs are read under a shared lock (a batch run on one of them exits 4 meanwhile, or is
+  waited for with ``wait``), the output under the exclusive lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipcli.batch.layout import LAYOUT_VERSION, Layout, RowRef, dumps, fsync_dir, read_errors, sort_key
+from clipcli.batch.lock import OutputLock
+from clipcli.batch.runner import SPACE_KEYS, _comparable, _INFO_KEYS, describe_differences, now_iso
+from clipcli.errors import UsageError
+from clipcli.writers import AtomicFile
+
+MERGED_KEY = "merged"
+
+
+@dataclass
+class MergeResult:
+    """What a merge did; ``manifest`` is what was written to the merged manifest.json."""
+
+    rows: int = 0
+    inputs: int = 0
+    failed: int = 0
+    warnings: list[str] = field(default_factory=list)
+    summary: str = ""
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Input:
+    path: Path
+    layout: Layout
+    manifest: dict[str, Any]
+
+
+def merge_outputs(
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    *,
+    allow_incomplete: bool = False,
+    wait: bool = False,
+    warn: Callable[[str], object] | None = None,
+) -> MergeResult:
+    """Merge batch output directories ``inputs`` into ``output``; see the module docstring."""
+    started_clock = time.monotonic()
+    started = now_iso()
+    result = MergeResult(inputs=len(inputs))
+
+    def warning(message: str) -> None:
+        result.warnings.append(message)
+        if warn is not None:
+            warn(message)
+
+    if not inputs:
+        raise UsageError("batch merge needs at least one OUTDIR to merge")
+    out = Layout(output)
+    _check_paths(inputs, out)
+    with contextlib.ExitStack() as stack:
+        parts: list[_Input] = []
+        for name in inputs:
+            layout = Layout(name)
+            if not layout.root.is_dir():
+                raise UsageError(f"{layout.root} is not a directory (expected a clipcli batch output)")
+            stack.enter_context(OutputLock(layout.root, shared=True, wait=wait))
+            manifest = layout.read_manifest()
+            if manifest is None:
+                raise UsageError(f"{layout.root} has no {layout.manifest_path.name}: it is not a clipcli batch output")
+            parts.append(_Input(layout.root, layout, manifest))
+        _check_compatible(parts, allow_incomplete)
+        _check_coverage(parts, warning)
+
+        selection, arrays, refs_of = _gather(parts)
+        first = parts[0].manifest
+        dim, dtype = int(first["dim"]), str(first["dtype"])
+
+        _prepare_output(out)
+        stack.enter_context(OutputLock(out.root, wait=wait))
+        errors = _merged_errors(parts)
+        base: dict[str, Any] = {
+            "format": "clipcli-batch",
+            "layout_version": LAYOUT_VERSION,
+            **{key: first[key] for key in (*SPACE_KEYS, *_INFO_KEYS) if key in first},
+            "shard": None,
+            "request": first.get("request"),
+            "files": {
+                "embeddings": out.embeddings_path.name,
+                "sources": out.sources_path.name,
+                "index": out.index_path.name,
+                "errors": out.errors_path.name,
+            },
+            "created": started,
+            MERGED_KEY: {
+                "inputs": [
+                    {
+                        "path": str(part.path),
+                        "status": part.manifest.get("status"),
+                        "shard": part.manifest.get("shard"),
+                        "rows": refs_of[i],
+                        "device": part.manifest.get("device"),
+                        "engine": part.manifest.get("engine"),
+                        "summary": part.manifest.get("summary"),
+                    }
+                    for i, part in enumerate(parts)
+                ],
+            },
+        }
+        out.write_manifest({**base, "status": "running"})  # a crash below never looks complete
+        out.consolidate(selection, dim, dtype, arrays=arrays)
+        _write_errors(out, errors)
+        result.rows = len(selection)
+        result.failed = len(errors)
+        elapsed = time.monotonic() - started_clock
+        result.summary = (
+            f"merged {len(parts)} output(s): {result.rows} rows in {out.embeddings_path.name}"
+            + (f", {result.failed} failed input(s) in {out.errors_path.name}" if result.failed else "")
+            + f", {elapsed:.1f} s"
+        )
+        result.manifest = {
+            **base,
+            "status": "complete",
+            "counts": {"inputs": len(parts), "rows": result.rows, "failed": result.failed},
+            "timings": {"started": started, "finished": now_iso(), "elapsed_s": round(elapsed, 3)},
+            "summary": result.summary,
+            "consolidated": {"digest": out.digest(selection, dim, dtype), "rows": result.rows, "dim": dim, "dtype": dtype},
+        }
+        out.write_manifest(result.manifest)
+    return result
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_paths(inputs: Sequence[str | Path], out: Layout) -> None:
+    seen: dict[str, str] = {}
+    target = os.path.realpath(out.root)
+    for name in inputs:
+        real = os.path.realpath(name)
+        if real == target:
+            raise UsageError(f"the merged output {out.root} cannot also be an input")
+        if real in seen:
+            raise UsageError(f"{name} is given twice (also as {seen[real]})")
+        seen[real] = str(name)
+
+
+def _check_compatible(parts: Sequence[_Input], allow_incomplete: bool) -> None:
+    first = parts[0]
+    for part in parts:
+        status = part.manifest.get("status")
+        if status != "complete" and not allow_incomplete:
+            raise UsageError(
+                f"{part.path} is incomplete (status: {status}): rerun its batch command to finish it, "
+                "or pass --allow-incomplete to merge the rows it has committed so far"
+            )
+        if status == "complete" and not part.layout.outputs_exist():
+            raise UsageError(f"{part.path} says complete but lacks embeddings.npy, sources.txt or index.jsonl; rerun its batch command")
+        if part is first:
+            continue
+        diffs = [
+            (key, first.manifest.get(key), part.manifest.get(key))
+            for key in (*SPACE_KEYS, "dim")
+            if _comparable(key, first.manifest.get(key)) != _comparable(key, part.manifest.get(key))
+        ]
+        if diffs:
+            raise UsageError(
+                f"cannot merge {first.path} and {part.path}: they were made with different settings "
+                f"({describe_differences(diffs, f'in {first.path}', f'in {part.path}')}); vectors from different settings are never mixed"
+            )
+
+
+def _check_coverage(parts: Sequence[_Input], warning: Callable[[str], None]) -> None:
+    """Warn when the inputs are not exactly the N parts of one ``--shard I/N`` split."""
+    labels = [part.manifest.get("shard") for part in parts]
+    if all(label is None for label in labels):
+        return
+    split = [tuple(int(x) for x in label.split("/")) for label in labels if isinstance(label, str)]
+    counts = {n for _, n in split}
+    if len(counts) != 1 or len(split) != len(labels):
+        shown = ", ".join(label or "whole" for label in labels)
+        warning(f"the inputs are not parts of one --shard split ({shown})")
+        return
+    (count,) = counts
+    have = sorted({i for i, _ in split})
+    missing = [f"{i}/{count}" for i in range(1, count + 1) if i not in have]
+    if missing:
+        warning(f"shard(s) {', '.join(missing)} not among the inputs: the merged output covers {len(have)} of {count} parts")
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _gather(parts: Sequence[_Input]) -> tuple[list[RowRef], dict[int, Path], list[int]]:
+    """Every input's current rows as RowRefs (``shard`` keys into the returned arrays), sorted."""
+    arrays: dict[int, Path] = {}
+    keyed: list[tuple[tuple[Any, ...], RowRef]] = []
+    owner: dict[str, int] = {}
+    rows_of: list[int] = []
+    for index, part in enumerate(parts):
+        refs: list[RowRef] = []
+        if part.manifest.get("status") == "complete":
+            key = len(arrays)
+            arrays[key] = part.layout.embeddings_path
+            lines = [line for line in part.layout.index_path.read_text(encoding="utf-8").split("\n") if line]
+            refs = [RowRef(key, row, line) for row, line in enumerate(lines)]
+            _check_rows(part, len(lines))
+        else:  # allowed incomplete: what its shards hold (the latest row of each source)
+            state = part.layout.scan(clean=False)
+            keys: dict[int, int] = {}
+            for number in sorted(state.shards):
+                keys[number] = len(arrays)
+                arrays[keys[number]] = part.layout.npy(number)
+            refs = [RowRef(keys[ref.shard], ref.row, ref.line) for ref in state.latest.values()]
+        rows_of.append(len(refs))
+        for ref in refs:
+            record = json.loads(ref.line)
+            source = record["source"]
+            if source in owner:
+                other = parts[owner[source]].path
+                raise UsageError(
+                    f"{source!r} is in both {other} and {part.path}: merged outputs must not overlap "
+                    "(parts of one --shard split never do; were they made with different --shard counts?)"
+                )
+            owner[source] = index
+            keyed.append((sort_key(record), ref))
+    keyed.sort(key=lambda pair: pair[0])
+    return [ref for _, ref in keyed], arrays, rows_of
+
+
+def _check_rows(part: _Input, lines: int) -> None:
+    import numpy as np
+
+    matrix = np.load(part.layout.embeddings_path, mmap_mode="r", allow_pickle=False)
+    if matrix.ndim != 2 or matrix.shape[0] != lines:
+        raise UsageError(
+            f"{part.path}: embeddings.npy has shape {matrix.shape} but index.jsonl has {lines} rows; "
+            "rerun its batch command to consolidate it again"
+        )
+
+
+def _merged_errors(parts: Sequence[_Input]) -> list[dict[str, Any]]:
+    errors: list[dict[str, Any]] = []
+    for part in parts:
+        errors.extend(read_errors(part.layout.errors_path))
+    errors.sort(key=lambda record: str(record.get("source", "")))
+    return errors
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _prepare_output(out: Layout) -> None:
+    """Create the output directory; refuse one that holds anything but an earlier merge."""
+    out.check_usable()
+    if out.root.is_dir():
+        manifest = out.read_manifest()  # UsageError if it is some other manifest
+        if manifest is None:
+            entries = [e for e in os.listdir(out.root) if e != ".lock"]
+            if entries:
+                raise UsageError(f"{out.root} is not empty and not a merged output; choose a new or empty directory for -o")
+        elif manifest.get(MERGED_KEY) is None:
+            raise UsageError(f"{out.root} is a batch output directory, not a merged result; choose another -o for the merge")
+    try:
+        out.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output directory {out.root}: {exc.strerror or exc}") from None
+
+
+def _write_errors(out: Layout, errors: Sequence[dict[str, Any]]) -> None:
+    file = AtomicFile(out.errors_path, "w")
+    try:
+        file.handle.write("".join(dumps(record) + "\n" for record in errors))
+        file.commit()
+    except BaseException:
+        file.abort()
+        raise
+    fsync_dir(out.root)
