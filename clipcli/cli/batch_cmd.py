@@ -47,7 +47,7 @@ from clipcli.cli.common import (
     TimeoutOpt,
     VerboseOpt,
     handle_errors,
-    resolve_settings,
+    settings_from,
 )
 from clipcli.errors import UsageError
 
@@ -238,6 +238,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("batch", help=HELP, cls=BatchCommand)
     def batch(
+        ctx: typer.Context,
         output: Annotated[str, typer.Option("--output", "-o", help="Output directory (created if needed; reuse it to resume or update).", metavar="OUTDIR", rich_help_panel=OUT_PANEL, show_default=False)],
         inputs: Annotated[list[str] | None, typer.Argument(help="Directories (recursive), image files, glob patterns ('photos/**/*.jpg') and http(s) URLs.", show_default=False)] = None,
         from_file: Annotated[list[str] | None, typer.Option("--from-file", help="Read paths/URLs from LIST, one per line; - for stdin (repeatable).", metavar="LIST", rich_help_panel=IN_PANEL)] = None,
@@ -286,13 +287,7 @@ def register(app: typer.Typer) -> None:
             from clipcli.batch.runner import parse_shard
 
             shard_spec = parse_shard(shard) if shard is not None else None
-            settings = resolve_settings({
-                "model": model, "revision": revision, "device": device, "dtype": dtype, "feature": feature,
-                "normalize": normalize, "batch_size": batch_size, "out_dtype": out_dtype,
-                "preprocess": preprocess, "resize": resize, "crop_size": crop_size, "mean": mean, "std": std,
-                "resample": resample, "timeout": timeout, "retries": retries, "max_bytes": max_bytes,
-                "max_pixels": max_pixels, "workers": workers,
-            }).settings
+            settings = settings_from(ctx)
             code = run_batch(
                 inputs or [], output, settings, reporter,
                 from_files=from_file or [], texts=texts or [], text_field=text_field, hash_files=hash_,

@@ -63,6 +63,20 @@ def resolve_settings(flags: dict[str, Any]) -> Any:
     return resolve(flags)
 
 
+def settings_from(ctx: typer.Context, **overrides: Any) -> Any:
+    """The effective Settings of a command: its parameters named like settings keys are flags.
+
+    Every command declares the settings options it offers with the shared option types above
+    (None = not given); this picks them out of the parsed parameters, so no command repeats the
+    list of keys.
+    """
+    from clipcli.settings import KEYS
+
+    flags = {key: value for key, value in ctx.params.items() if key in KEYS}
+    flags.update(overrides)
+    return resolve_settings(flags).settings
+
+
 class Reporter:
     """Messages on stderr: skips, warnings, the summary. stdout carries data only."""
 

@@ -27,6 +27,7 @@ from clipcli.cli.common import (
     VerboseOpt,
     handle_errors,
     resolve_settings,
+    settings_from,
 )
 from clipcli.errors import ConfigError, UsageError
 
@@ -306,6 +307,7 @@ def _print_model_tables(info: dict[str, Any]) -> None:
 
 @app.command("model")
 def model_(
+    ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="Hub id or local checkpoint directory. [default: the `model` setting]", show_default=False)] = None,
     revision: RevisionOpt = None,
     preprocess: PreprocessOpt = None,
@@ -326,10 +328,7 @@ def model_(
     """
     reporter = Reporter(quiet=quiet, verbose=verbose)
     with handle_errors(reporter):
-        settings = resolve_settings({
-            "model": model, "revision": revision, "preprocess": preprocess, "resize": resize,
-            "crop_size": crop_size, "mean": mean, "std": std, "resample": resample,
-        }).settings
+        settings = settings_from(ctx)
         from clipcli.inspect_model import inspect_model
         from clipcli.preprocess import PreprocessSpec
 

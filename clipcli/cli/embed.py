@@ -39,7 +39,7 @@ from clipcli.cli.common import (
     WorkersOpt,
     Reporter,
     handle_errors,
-    resolve_settings,
+    settings_from,
 )
 from clipcli.errors import InputError, UsageError
 
@@ -104,15 +104,12 @@ def write_results(batches: Iterable[list[Any]], writer: Any, reporter: Reporter,
     return EXIT_INPUTS_FAILED if reporter.failed else EXIT_OK
 
 
-def _flags(**flags: Any) -> dict[str, Any]:
-    return flags
-
-
 def register(app: typer.Typer) -> None:
     """Add the embed commands to ``app``."""
 
     @app.command("embed-image")
     def embed_image(
+        ctx: typer.Context,
         inputs: Annotated[list[str], typer.Argument(help="Image files or http(s) URLs; - reads them from stdin, one per line.", show_default=False)],
         output: OutputOpt = None,
         format: FormatOpt = None,
@@ -146,18 +143,13 @@ def register(app: typer.Typer) -> None:
         """
         reporter = Reporter(quiet=quiet, verbose=verbose)
         with handle_errors(reporter):
-            settings = resolve_settings(_flags(
-                model=model, revision=revision, device=device, dtype=dtype, feature=feature,
-                normalize=normalize, batch_size=batch_size, format=format, out_dtype=out_dtype,
-                preprocess=preprocess, resize=resize, crop_size=crop_size, mean=mean, std=std,
-                resample=resample, timeout=timeout, retries=retries, max_bytes=max_bytes,
-                max_pixels=max_pixels, workers=workers,
-            )).settings
+            settings = settings_from(ctx)
             code = run_embed_images(inputs, settings, output or "-", reporter, fail_fast=fail_fast, server=server)
         raise typer.Exit(code)
 
     @app.command("embed-text")
     def embed_text(
+        ctx: typer.Context,
         texts: Annotated[list[str] | None, typer.Argument(help="Texts to embed; - reads texts from stdin, one per line.", show_default=False)] = None,
         file: Annotated[list[str] | None, typer.Option("--file", help="Read one text per line from a file or http(s) URL (repeatable).", rich_help_panel="Inputs")] = None,
         output: OutputOpt = None,
@@ -184,11 +176,7 @@ def register(app: typer.Typer) -> None:
         """
         reporter = Reporter(quiet=quiet, verbose=verbose)
         with handle_errors(reporter):
-            settings = resolve_settings(_flags(
-                model=model, revision=revision, device=device, dtype=dtype, feature=feature,
-                normalize=normalize, batch_size=batch_size, format=format, out_dtype=out_dtype,
-                timeout=timeout, retries=retries, max_bytes=max_bytes,
-            )).settings
+            settings = settings_from(ctx)
             code = run_embed_texts(texts or [], file or [], settings, output or "-", reporter, fail_fast=fail_fast,
                                    server=server)
         raise typer.Exit(code)

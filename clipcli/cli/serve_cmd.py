@@ -43,6 +43,7 @@ from clipcli.cli.common import (
     WorkersOpt,
     handle_errors,
     resolve_settings,
+    settings_from,
 )
 from clipcli.errors import OutputLockedError, UsageError
 
@@ -103,11 +104,7 @@ def serve(
         return
     reporter = Reporter(quiet=quiet, verbose=verbose)
     with handle_errors(reporter):
-        settings = resolve_settings(_settings_flags(
-            model=model, revision=revision, device=device, dtype=dtype, feature=feature, normalize=normalize,
-            batch_size=batch_size, preprocess=preprocess, resize=resize, crop_size=crop_size, mean=mean, std=std,
-            resample=resample, workers=workers,
-        )).settings
+        settings = settings_from(ctx)
         code = run_serve(settings, reporter, detach=detach, idle_timeout=idle_timeout, listen=listen, token=token)
     raise typer.Exit(code)
 
