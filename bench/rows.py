@@ -6,7 +6,7 @@ save those of the first distinct inputs to ``spec["vectors"]`` (``.npy``) so the
 compare rows with each other (fidelity columns).
 
 Timing excludes imports and model loading and starts after one warm-up forward pass: it is
-throughput, not latency. The CLI rows (run by the driver as subprocesses) include everything.
+throughput, not latency. The CLI rows are run by the driver (subprocesses), net of a one-input run.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from PIL import Image
 from clipcli.encoder import Encoder, _ExactClipTransform
 from clipcli.errors import ModelError, UsageError
 from clipcli.images import decode_image
-from clipcli.pipeline import Embedded, ImageLoader, embed_images, embed_texts
+from clipcli.pipeline import ImageLoader, embed_images, embed_texts
 from clipcli.preprocess import PreprocessSpec, customise_processor
 
 TOL = 1e-5
