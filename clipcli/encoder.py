@@ -177,6 +177,8 @@ class Encoder:
                 raise ModelError("int8 quantization needs --dtype float32 (or auto) on the CPU")
         self.quantize = quantize
         self.compile = bool(compile)
+        # Set by callers whose loader decodes JPEGs in draft mode; recorded in the metadata.
+        self.fast_decode = False
         self.compile_error: str | None = None  # why torch.compile was given up, if it was
         self._eager: dict[str, Any] = {}  # uncompiled towers, to fall back to
         self._fast_transform: _ExactClipTransform | None = None
@@ -332,7 +334,10 @@ class Encoder:
         if self._custom_transform is not None:
             name = getattr(self._custom_transform, "__name__", type(self._custom_transform).__name__)
             return {"preset": "callable", "custom": True, "callable": name}
-        return describe_processor(self.processor, self._spec)
+        described = describe_processor(self.processor, self._spec)
+        if self.fast_decode:
+            described["fast_decode"] = True  # JPEG draft decoding: vectors differ slightly from exact
+        return described
 
     def metadata(self, tower: str) -> dict[str, Any]:
         """What every output records about how its vectors were made."""
@@ -403,13 +408,18 @@ class Encoder:
 
         self.vision_model  # noqa: B018 - load (or fail) before converting the batch
         tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+        vision_config = getattr(self.config, "vision_config", self.config)
+        native = int(getattr(vision_config, "image_size", tensor.shape[-1]))
+        # A custom --crop-size gives another input size: interpolate the position embeddings
+        # (transformers' own option) instead of failing in the forward pass.
+        extra = {"interpolate_pos_encoding": True} if tuple(tensor.shape[-2:]) != (native, native) else {}
 
         def forward(chunk: torch.Tensor) -> torch.Tensor:
             if self.device.startswith("cuda"):
                 chunk = chunk.pin_memory().to(self.device, non_blocking=True)
             else:
                 chunk = chunk.to(self.device)
-            out = self._call_tower("vision", pixel_values=chunk.to(self.torch_dtype))
+            out = self._call_tower("vision", pixel_values=chunk.to(self.torch_dtype), **extra)
             return out.image_embeds if self.feature == "projected" else out.pooler_output
 
         return self._run(forward, tensor)

@@ -151,6 +151,12 @@ def _optional_triple(kind: str) -> Callable[[Any], tuple[float, float, float] | 
     return parse
 
 
+def _optional_quantize(raw: Any) -> str | None:
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "off")):
+        return None
+    return _choice("int8")(raw)
+
+
 @dataclass(frozen=True)
 class KeySpec:
     """One settings key: its parser and a one-line description."""
@@ -180,6 +186,9 @@ KEYS: dict[str, KeySpec] = {
     "max_bytes": KeySpec(_positive_int, "largest URL download in bytes"),
     "max_pixels": KeySpec(_positive_int, "largest image in pixels (decompression-bomb guard)"),
     "workers": KeySpec(_non_negative_int, "loader threads (0: automatic)"),
+    "quantize": KeySpec(_optional_quantize, "int8: dynamic int8 quantisation on CPU (opt-in), none: off"),
+    "fast_decode": KeySpec(_parse_bool, "decode large JPEGs at reduced size (opt-in; vectors differ slightly)"),
+    "compile": KeySpec(_parse_bool, "torch.compile the model (opt-in)"),
 }
 
 
@@ -207,6 +216,9 @@ class Settings:
     max_bytes: int = 50 * 1024 * 1024
     max_pixels: int = 89_478_485
     workers: int = 0
+    quantize: str | None = None
+    fast_decode: bool = False
+    compile: bool = False
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

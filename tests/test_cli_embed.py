@@ -269,3 +269,25 @@ def test_output_files_get_ordinary_permissions(tiny_model, tmp_path, images):
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_quantize_fast_decode_and_compile_flags_are_wired(tiny_model, tmp_path, images):
+    """int8 is opt-in, close to float32 and recorded; fast decode is recorded as preprocessing."""
+    from PIL import Image
+
+    photo = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(photo)
+    exact = invoke(["embed-image", str(photo), *map(str, images), "--model", tiny_model, "-o", str(tmp_path / "f.json")])
+    int8 = invoke(["embed-image", str(photo), *map(str, images), "--model", tiny_model, "--quantize", "int8",
+                   "--fast-decode", "-o", str(tmp_path / "q.json")])
+    assert exact.exit_code == 0 and int8.exit_code == 0, int8.stderr
+    f = json.loads((tmp_path / "f.json").read_text())
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert q["quantize"] == "int8" and q["preprocessing"]["fast_decode"] is True
+    assert "fast_decode" not in f["preprocessing"] and f.get("quantize") is None
+    a = np.array([i["embedding"] for i in f["items"]])
+    b = np.array([i["embedding"] for i in q["items"]])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(a, b)
+    bad = invoke(["embed-text", "x", "--model", tiny_model, "--quantize", "int4"])
+    assert bad.exit_code == 2 and "quantize" in bad.stderr

@@ -338,15 +338,24 @@ def test_embed_image_records_custom_preprocessing(model32: str, tmp_path: Path) 
     assert meta["preprocessing"] == pre | {"resample": "bilinear"}
 
 
-@pytest.mark.xfail(strict=False, reason="needs encoder.py: a crop size other than the model's image_size "
-                   "raises a raw ValueError in the forward pass (pass interpolate_pos_encoding, or refuse it "
-                   "with a UsageError before loading)")
 def test_crop_size_other_than_the_model_input_size(tiny_model: str, tmp_path: Path) -> None:
+    """A crop other than the model's image size interpolates the position embeddings."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
     image = make_image(tmp_path / "a.png", (50, 37))
-    result = run("embed-image", str(image), "-m", tiny_model, "--crop-size", "32")
-    assert result.exit_code in (0, 2), result.exception
-    if result.exit_code == 2:
-        one_line_error(result)
+    result = run("embed-image", str(image), "-m", tiny_model, "--crop-size", "32", "--resize", "40")
+    assert result.exit_code == 0, result.stderr
+    got = np.array(json.loads(result.stdout)["embedding"])
+    processor = CLIPImageProcessor.from_pretrained(tiny_model, size={"shortest_edge": 40},
+                                                   crop_size={"height": 32, "width": 32})
+    inputs = processor(images=Image.open(image), return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape[-2:]) == (32, 32)
+    with torch.no_grad():
+        expected = CLIPVisionModel.from_pretrained(tiny_model)(**inputs, interpolate_pos_encoding=True).pooler_output[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------ config model

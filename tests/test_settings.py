@@ -184,6 +184,9 @@ ROUNDTRIP = [
     ("max_bytes", "1000", 1000),
     ("max_pixels", "4000000", 4_000_000),
     ("workers", "4", 4),
+    ("quantize", "INT8", "int8"),
+    ("fast_decode", "yes", True),
+    ("compile", "true", True),
 ]
 
 

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 DEFAULT_SHARD_SIZE = 1024
 # Settings that define the embedding space: rows made under different values never mix.
-SPACE_KEYS = ("modality", "model", "revision", "feature", "normalized", "preprocessing", "dtype")
+SPACE_KEYS = ("modality", "model", "revision", "feature", "normalized", "preprocessing", "dtype", "quantize")
 _HASH_CHUNK = 1 << 20
 
 

@@ -26,6 +26,9 @@ from clipcli.cli.common import (
     IN_PANEL,
     OUT_PANEL,
     BatchSizeOpt,
+    CompileOpt,
+    FastDecodeOpt,
+    QuantizeOpt,
     CropOpt,
     DeviceOpt,
     DtypeOpt,
@@ -271,6 +274,9 @@ def register(app: typer.Typer) -> None:
         timeout: TimeoutOpt = None,
         retries: RetriesOpt = None,
         max_bytes: MaxBytesOpt = None,
+        quantize: QuantizeOpt = None,
+        fast_decode: FastDecodeOpt = None,
+        compile: CompileOpt = None,
         max_pixels: MaxPixelsOpt = None,
         workers: Annotated[int | None, typer.Option(help="Loader threads (0: automatic); with --engine ray: encoder actors (0: one per GPU, or half the cluster's CPUs).", rich_help_panel=IN_PANEL)] = None,
         verbose: VerboseOpt = False,
@@ -300,9 +306,9 @@ def register(app: typer.Typer) -> None:
 
 def request_of(settings: Any, modality: str) -> dict[str, Any]:
     """The settings that decide the embedding space, as the user asked for them."""
-    keys = ["model", "revision", "feature", "normalize", "out_dtype"]
+    keys = ["model", "revision", "feature", "normalize", "out_dtype", "quantize"]
     if modality == "image":
-        keys += ["preprocess", "resize", "crop_size", "mean", "std", "resample"]
+        keys += ["preprocess", "resize", "crop_size", "mean", "std", "resample", "fast_decode"]
     return {key: getattr(settings, key) for key in keys}
 
 
@@ -358,7 +364,7 @@ def run_batch(
     from clipcli.cli.embed import build_encoder
     from clipcli.pipeline import ImageLoader
 
-    loader_args = {"timeout": settings.timeout, "retries": settings.retries, "max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels}
+    loader_args = {"timeout": settings.timeout, "retries": settings.retries, "max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels, "fast_decode": settings.fast_decode}
     loader = ImageLoader(**loader_args)
     engine = None
     if ray is not None:

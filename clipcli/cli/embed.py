@@ -14,6 +14,9 @@ from clipcli.cli.common import (
     EXIT_OK,
     MODEL_PANEL,
     BatchSizeOpt,
+    CompileOpt,
+    FastDecodeOpt,
+    QuantizeOpt,
     CropOpt,
     DeviceOpt,
     DtypeOpt,
@@ -73,7 +76,10 @@ def build_encoder(settings: Any, reporter: Reporter) -> Any:
         feature=settings.feature,
         normalize=settings.normalize,
         preprocess=PreprocessSpec.from_settings(settings),
+        quantize=settings.quantize,
+        compile=settings.compile,
     )
+    encoder.fast_decode = settings.fast_decode
     reporter.info(f"device: {encoder.device} ({settings.device} asked), dtype: {str(encoder.torch_dtype).replace('torch.', '')}")
     return encoder
 
@@ -132,6 +138,9 @@ def register(app: typer.Typer) -> None:
         max_bytes: MaxBytesOpt = None,
         max_pixels: MaxPixelsOpt = None,
         workers: WorkersOpt = None,
+        quantize: QuantizeOpt = None,
+        fast_decode: FastDecodeOpt = None,
+        compile: CompileOpt = None,
         fail_fast: FailFastOpt = False,
         server: ServerOpt = None,
         verbose: VerboseOpt = False,
@@ -165,6 +174,8 @@ def register(app: typer.Typer) -> None:
         timeout: TimeoutOpt = None,
         retries: RetriesOpt = None,
         max_bytes: MaxBytesOpt = None,
+        quantize: QuantizeOpt = None,
+        compile: CompileOpt = None,
         fail_fast: FailFastOpt = False,
         server: ServerOpt = None,
         verbose: VerboseOpt = False,
@@ -221,7 +232,7 @@ def _local_image_batches(
 
     loader = ImageLoader(
         timeout=settings.timeout, retries=settings.retries,
-        max_bytes=settings.max_bytes, max_pixels=settings.max_pixels,
+        max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, fast_decode=settings.fast_decode,
     )
     try:
         yield from embed_images(refs, encoder, loader, batch_size=settings.batch_size, workers=settings.workers)

@@ -73,11 +73,11 @@ ADDRESS_ENV = "CLIPCLI_SERVE_ADDRESS"
 TOKEN_ENV = "CLIPCLI_SERVE_TOKEN"
 
 #: Settings that change the vectors; the socket names are derived from them.
-KEY_SETTINGS = ("model", "revision", "device", "dtype", "feature", "normalize",
-                "preprocess", "resize", "crop_size", "mean", "std", "resample")
+KEY_SETTINGS = ("model", "revision", "device", "dtype", "feature", "normalize", "quantize", "compile",
+                "preprocess", "resize", "crop_size", "mean", "std", "resample", "fast_decode")
 #: Image preprocessing: part of the image key only (text vectors do not depend on it, and
 #: embed-text has no such options).
-PREPROCESS_SETTINGS = ("preprocess", "resize", "crop_size", "mean", "std", "resample")
+PREPROCESS_SETTINGS = ("preprocess", "resize", "crop_size", "mean", "std", "resample", "fast_decode")
 KINDS = ("image", "text")
 
 # AF_UNIX paths are limited to 108 bytes on Linux (104 on macOS), terminator included.

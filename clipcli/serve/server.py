@@ -687,6 +687,8 @@ class _EmbedSession:
             retries=_int_option(r, "retries", 3, 0, 100),
             max_bytes=_int_option(r, "max_bytes", 50 * 1024 * 1024, 1, 2**62),
             max_pixels=_int_option(r, "max_pixels", 89_478_485, 1, 2**62),
+            # The server's own setting: it is part of the socket key, so clients agree with it.
+            fast_decode=bool(getattr(self.server.encoder, "fast_decode", False)),
         )
         workers = _int_option(r, "workers", 0, 0, MAX_REQUEST_WORKERS)
         refs = self._inputs()
