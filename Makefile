@@ -13,6 +13,8 @@ TORCH_SPEC ?= torch==2.13.0
 # hub id, e.g. `make demo MODEL=openai/clip-vit-base-patch32`.
 MODEL ?= .demo/model
 DEMO_OUT ?= .demo
+# e.g. make bench BENCH_ARGS=--quick
+BENCH_ARGS ?=
 
 .PHONY: install demo test bench clean
 
@@ -45,7 +47,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
