@@ -19,29 +19,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from batch_helpers import cli, manifest, result_of
 from conftest import make_image
-from typer.testing import CliRunner
 
-from clipcli.cli import app
 
 N_IMAGES = 80
 ARGS = ["--shard-size", "2", "--batch-size", "2"]
 
 
-def cli(*args: str) -> Any:
-    return CliRunner().invoke(app, ["batch", *args], catch_exceptions=False)
-
-
-def result_of(out: Path) -> tuple[np.ndarray, list[str], list[str]]:
-    return (
-        np.load(out / "embeddings.npy"),
-        (out / "sources.txt").read_text().splitlines(),
-        (out / "index.jsonl").read_text().splitlines(),
-    )
-
-
-def manifest(out: Path) -> dict[str, Any]:
-    return json.loads((out / "manifest.json").read_text())
 
 
 def errors_of(out: Path) -> list[tuple[str, str, str]]:

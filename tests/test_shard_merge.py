@@ -9,34 +9,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from batch_helpers import cli, manifest, result_of
 from conftest import make_image
-from typer.testing import CliRunner
 
 from clipcli.batch import BatchOptions, BatchRunner, Events, collect_images
 from clipcli.batch.merge import merge_outputs
 from clipcli.batch.runner import parse_shard, shard_of
-from clipcli.cli import app
 from clipcli.errors import UsageError
 
 
-def cli(*args: str) -> Any:
-    return CliRunner().invoke(app, ["batch", *args], catch_exceptions=False)
-
-
-def result_of(out: Path) -> tuple[np.ndarray, list[str], list[str]]:
-    return (
-        np.load(out / "embeddings.npy"),
-        (out / "sources.txt").read_text().splitlines(),
-        (out / "index.jsonl").read_text().splitlines(),
-    )
-
-
-def manifest(out: Path) -> dict[str, Any]:
-    return json.loads((out / "manifest.json").read_text())
 
 
 @pytest.fixture
