@@ -123,3 +123,27 @@ def test_urls_are_fetched_concurrently_and_bounded(tiny_model, http_server: Test
     assert result.exit_code == 0, result.stderr
     assert len(result.stdout.splitlines()) == 12
     assert 1 < active["max"] <= 4
+
+
+def test_corpus_through_batch(tiny_model, tmp_path):
+    """The same corpus through `batch`: good files embedded, each bad one in errors.jsonl."""
+    from batch_helpers import cli, manifest
+
+    cases = build_corpus(tmp_path / "corpus")
+    listing = tmp_path / "list.txt"
+    # Names with newlines cannot sit in a one-per-line list: pass those as arguments.
+    listed = [c for c in cases if "\n" not in str(c.path)]
+    listing.write_text("".join(f"{c.path}\n" for c in listed), encoding="utf-8")
+    odd = [str(c.path) for c in cases if "\n" in str(c.path)]
+    out = tmp_path / "out"
+    result = cli(*odd, "--from-file", str(listing), "-o", str(out), "--model", tiny_model, "--batch-size", "4")
+    assert result.exit_code == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    embedded = [c for c in cases if c.expect_ok]
+    assert np.load(out / "embeddings.npy").shape == (len(embedded), 32)
+    errors = {json.loads(line)["source"]: json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()}
+    bad = [c for c in cases if not c.expect_ok]
+    assert set(errors) == {str(c.path) for c in bad}
+    for case in bad:
+        assert case.reason_contains in errors[str(case.path)]["reason"]
+    assert manifest(out)["counts"]["failed"] == len(bad)
