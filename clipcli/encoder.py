@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipcli.errors import ModelError, UsageError
-from clipcli.preprocess import ImageTransform, PreprocessSpec, customise_processor, describe_processor
+from clipcli.errors import ModelError, UsageError, cannot_load, first_line
+from clipcli.preprocess import ImageTransform, PreprocessSpec, describe_processor
 from clipcli.settings import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -202,12 +202,7 @@ class Encoder:
         return {"revision": self.revision} if self.revision else {}
 
     def _fail(self, what: str, exc: BaseException) -> ModelError:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = (
-            "check the hub id or the local directory; offline (HF_HUB_OFFLINE=1) the model must "
-            "already be in the cache (HF_HOME) or be a local checkpoint directory"
-        )
-        return ModelError(f"cannot load {what} of model {self.model_id!r}: {first} ({hint})")
+        return cannot_load(self.model_id, exc, what)
 
     @property
     def config(self) -> Any:
@@ -278,14 +273,9 @@ class Encoder:
         if self._processor is None:
             with self._lock:
                 if self._processor is None:
-                    try:
-                        with quiet_transformers():
-                            from transformers import CLIPImageProcessor
+                    from clipcli.inspect_model import load_processor
 
-                            base = CLIPImageProcessor.from_pretrained(self.model_id, **self._load_kwargs())
-                    except Exception as exc:
-                        raise self._fail("the image processor", exc) from exc
-                    self._processor = customise_processor(base, self._spec)
+                    self._processor = load_processor(self.model_id, self.revision, self._spec)
         return self._processor
 
     @property
@@ -485,8 +475,7 @@ class Encoder:
         except Exception as exc:
             if _is_oom(exc):
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.compile_error = f"{type(exc).__name__}: {first}"[:300]
+            self.compile_error = f"{type(exc).__name__}: {first_line(exc)}"[:300]
             warnings.warn(
                 f"torch.compile failed, running the {tower} tower uncompiled: {self.compile_error}",
                 RuntimeWarning,
@@ -735,11 +724,7 @@ def load_config(model: str, revision: str | None = None) -> Any:
 
             config = AutoConfig.from_pretrained(model, **kwargs)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"cannot load model {model!r}: {first} (check the hub id or the local directory; offline "
-            "(HF_HUB_OFFLINE=1) the model must already be in the cache (HF_HOME) or be a local checkpoint directory)"
-        ) from exc
+        raise cannot_load(model, exc) from exc
     if config.model_type not in CLIP_MODEL_TYPES:
         raise ModelError(
             f"model {model!r} is not a CLIP checkpoint (model_type {config.model_type!r}); "

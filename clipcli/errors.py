@@ -48,3 +48,21 @@ class InputError(ClipcliError):
         super().__init__(reason)
         self.reason = reason
         self.stage = stage
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+LOAD_HINT = (
+    "check the hub id or the local directory; offline (HF_HUB_OFFLINE=1) the model must "
+    "already be in the cache (HF_HOME) or be a local checkpoint directory"
+)
+
+
+def cannot_load(model: str, exc: BaseException, what: str | None = None) -> ModelError:
+    """The one message for a model part that transformers could not load."""
+    subject = f"{what} of model {model!r}" if what else f"model {model!r}"
+    return ModelError(f"cannot load {subject}: {first_line(exc)} ({LOAD_HINT})")

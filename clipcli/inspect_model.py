@@ -37,7 +37,7 @@ def _tower(config: Any, fields: tuple[str, ...]) -> dict[str, Any]:
 def load_processor(model: str, revision: str | None = None, spec: PreprocessSpec | None = None) -> Any:
     """The checkpoint's CLIPImageProcessor with ``spec``'s overrides; ModelError if it cannot load."""
     from clipcli.encoder import quiet_transformers
-    from clipcli.errors import ModelError
+    from clipcli.errors import cannot_load
     from clipcli.preprocess import customise_processor
 
     kwargs = {"revision": revision} if revision else {}
@@ -47,8 +47,7 @@ def load_processor(model: str, revision: str | None = None, spec: PreprocessSpec
 
             processor = CLIPImageProcessor.from_pretrained(model, **kwargs)
     except Exception as exc:  # transformers raises OSError, ValueError, EnvironmentError...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load the image processor of model {model!r}: {first}") from exc
+        raise cannot_load(model, exc, "the image processor") from exc
     return customise_processor(processor, spec or PreprocessSpec())
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clipcli.errors import UsageError
+from clipcli.errors import ModelError, UsageError, first_line
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -99,9 +99,7 @@ def build_checkpoint(
             try:
                 tokenizer = CLIPTokenizer.from_pretrained(tokenizer_from)
             except Exception as exc:
-                from clipcli.errors import ModelError
-
-                raise ModelError(f"cannot load a tokenizer from {tokenizer_from!r}: {str(exc).splitlines()[0]}") from exc
+                raise ModelError(f"cannot load a tokenizer from {tokenizer_from!r}: {first_line(exc)}") from exc
         else:
             vocab, merge_list = byte_level_vocab(merges)
             tokenizer = CLIPTokenizer(vocab=vocab, merges=merge_list)

@@ -13,6 +13,7 @@ is faster but changes the vectors slightly; the default path is exact.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipcli.errors import InputError
+from clipcli.errors import InputError, first_line
 from clipcli.sources import check_url_scheme, is_url
 
 if TYPE_CHECKING:
@@ -80,18 +81,22 @@ class ImageLoader:
         self.fast_decode = fast_decode
         self._fetcher = fetcher
         self._fetch_args = {"timeout": timeout, "retries": retries, "max_bytes": max_bytes}
+        self._fetcher_lock = threading.Lock()
 
     @property
     def fetcher(self) -> Fetcher:
-        if self._fetcher is None:
-            from clipcli.fetch import Fetcher
+        # Loader threads reach their first URL together: make exactly one pooled session.
+        with self._fetcher_lock:
+            if self._fetcher is None:
+                from clipcli.fetch import Fetcher
 
-            self._fetcher = Fetcher(**self._fetch_args)
+                self._fetcher = Fetcher(**self._fetch_args)
         return self._fetcher
 
-    def read_bytes(self, ref: str) -> bytes:
+    def read_bytes(self, ref: str, *, image: bool = True) -> bytes:
+        """The bytes of a file or http(s) URL; ``image`` checks a URL's answer is an image."""
         if is_url(ref):
-            return self.fetcher.fetch_image_bytes(ref)
+            return self.fetcher.fetch_image_bytes(ref) if image else self.fetcher.fetch(ref)
         check_url_scheme(ref)
         from clipcli.images import read_file_bytes
 
@@ -113,8 +118,7 @@ def _describe(exc: BaseException) -> tuple[str, str]:
         return exc.stage, exc.reason
     if isinstance(exc, MemoryError):
         return "decode", "out of memory while decoding"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return "preprocess", f"{type(exc).__name__}: {text}"
+    return "preprocess", f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def embed_images(

@@ -100,9 +100,9 @@ def customise_processor(processor: Any, spec: PreprocessSpec) -> Any:
     if spec.std is not None:
         processor.image_std = list(spec.std)
     if spec.resample is not None:
-        from PIL import Image
+        from PIL.Image import Resampling
 
-        processor.resample = Image.Resampling(RESAMPLE_CODES[spec.resample])
+        processor.resample = Resampling(RESAMPLE_CODES[spec.resample])
     return processor
 
 

@@ -32,9 +32,6 @@ def has_url_scheme(ref: str) -> bool:
     return ref[m.end() : m.end() + 2] == "//" or m.group(1).lower() == "data"
 
 
-has_scheme = has_url_scheme  # short alias used by the batch collector
-
-
 def check_url_scheme(ref: str) -> None:
     """Raise ``InputError(stage="fetch")`` when ``ref`` is a URL with a scheme other than http(s).
 

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from clipcli.errors import UsageError
 from clipcli.pipeline import Failed
-from clipcli.sources import has_scheme, is_url
+from clipcli.sources import has_url_scheme, is_url
 
 IMAGE_EXTENSIONS = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".bmp", ".dib", ".webp",
@@ -116,7 +116,7 @@ def _list_lines(list_path: str, stdin: TextIO | None) -> Iterator[str]:
 
 
 def _add(arg: str, found: set[str], out: Collection, seen_dirs: set[tuple[int, int]], *, glob_ok: bool) -> None:
-    if is_url(arg) or has_scheme(arg):
+    if is_url(arg) or has_url_scheme(arg):
         found.add(arg)  # other schemes fail in the loader with a clear reason
         return
     path = os.path.normpath(arg)

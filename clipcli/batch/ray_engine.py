@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipcli.errors import ClipcliError, ModelError, UsageError
+from clipcli.errors import ClipcliError, ModelError, UsageError, first_line
 from clipcli.pipeline import Embedded, Failed
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ class RayEngine:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"at {self.options.address}" if self.options.address else "(local start)"
-            raise UsageError(f"cannot start or reach a Ray cluster {where}: {_first_line(exc)}") from None
+            raise UsageError(f"cannot start or reach a Ray cluster {where}: {first_line(exc)}") from None
         finally:
             # ray.init makes SIGTERM exit at once; keep clipcli's (stop cleanly, commit the rows).
             if main and previous is not None:
@@ -266,9 +266,6 @@ def _blocks(n: int, rows_per_block: int) -> int:
     return max(1, min(MAX_BLOCKS, math.ceil(n / max(1, rows_per_block))))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _as_clipcli_error(exc: BaseException) -> ClipcliError:

@@ -41,7 +41,7 @@ from clipcli.batch.layout import LAYOUT_VERSION, ErrorLog, Layout, RowRef, Shard
 from clipcli.batch.lock import OutputLock
 from clipcli.errors import UsageError
 from clipcli.pipeline import Embedded, Failed
-from clipcli.sources import has_scheme, is_url
+from clipcli.sources import has_url_scheme, is_url
 
 if TYPE_CHECKING:
     from clipcli.encoder import Encoder
@@ -637,7 +637,7 @@ def _show(value: Any) -> str:
 def _file_record(source: str, *, hashed: bool) -> dict[str, Any]:
     """The index record of an image source as it is now."""
     record: dict[str, Any] = {"source": source}
-    if is_url(source) or has_scheme(source):
+    if is_url(source) or has_url_scheme(source):
         return record
     try:
         st = os.stat(source)

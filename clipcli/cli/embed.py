@@ -386,26 +386,14 @@ def _read_text_source(ref: str, settings: Any) -> Iterator[str]:
     """Lines of a text file or URL (UTF-8), blank lines skipped."""
     import io
 
-    from clipcli.sources import check_url_scheme, is_url, read_lines
+    from clipcli.pipeline import ImageLoader
+    from clipcli.sources import read_lines
 
-    check_url_scheme(ref)
-    if is_url(ref):
-        from clipcli.fetch import Fetcher
-
-        fetcher = Fetcher(timeout=settings.timeout, retries=settings.retries, max_bytes=settings.max_bytes)
-        try:
-            data = fetcher.fetch(ref)
-        finally:
-            fetcher.close()
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise InputError("not UTF-8 text", stage="read") from None
-        yield from read_lines(io.StringIO(text))
-        return
-    from clipcli.images import read_file_bytes
-
-    data = read_file_bytes(ref)
+    loader = ImageLoader(timeout=settings.timeout, retries=settings.retries, max_bytes=settings.max_bytes)
+    try:
+        data = loader.read_bytes(ref, image=False)
+    finally:
+        loader.close()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
