@@ -116,9 +116,11 @@ def row_image_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         first = model(pixel_values=pixels).pooler_output.float().cpu().numpy()  # warm-up (and compile)
 
+        limit = float(spec.get("max_seconds") or 0)  # a slow model on a GPU: stop on time, too
+
         def run() -> int:
-            done = 0
-            while done < n:
+            done, start = 0, time.perf_counter()
+            while done < n and not (limit and done >= 2 * batch and time.perf_counter() - start > limit):
                 model(pixel_values=pixels).pooler_output.float().cpu()
                 done += batch
             return done

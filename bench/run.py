@@ -277,9 +277,11 @@ class Bench:
                 self.cli_images(group, size, paths, model, device, dtype, ceiling, naive)
 
     def cli_images(self, group: str, size: str, paths: list[str], model: str, device: str, dtype: str,
-                   ceiling: dict[str, Any], naive: dict[str, Any]) -> None:
+                   ceiling: dict[str, Any], naive: dict[str, Any] | None, batch: int | None = None,
+                   extra: dict[str, Any] | None = None) -> None:
         exe = clipcli_exe()
-        opts = ["--model", model, "--device", device, "--dtype", dtype, "--batch-size", str(self.args.batch_size)]
+        opts = ["--model", model, "--device", device, "--dtype", dtype,
+                "--batch-size", str(batch or self.args.batch_size)]
         one = inputs.ensure_images(self.cache, size, 1)
         runs = {
             "embed-image": lambda ps, out: [exe, "embed-image", *ps, "-o", str(out / "v.npy"), *opts],
@@ -290,14 +292,15 @@ class Bench:
             base = self.cli_run(make, one)
             full = self.cli_run(make, paths)
             if "error" in full or "error" in base:
-                self.add(group, f"clipcli {name} (CLI)", size, {"error": full.get("error") or base.get("error")}, unit="img")
+                self.add(group, f"clipcli {name} (CLI)", size, {"error": full.get("error") or base.get("error")}, unit="img",
+                         **(extra or {}))
                 continue
             net = max(full["wall"] - base["wall"], 1e-6)
             result = {"items": len(paths) - 1, "seconds": net, "peak_rss_mib": full["peak_rss_mib"],
                       "cpu_s": max(full["cpu_s"] - base["cpu_s"], 0.0),
                       "note": f"wall {len(paths) / full['wall']:.2f} img/s incl. start+load {base['wall']:.1f} s"}
             self.add(group, f"clipcli {name} (CLI, net of start)", size, result, unit="img",
-                     ceiling_of=ceiling["idx"], naive_of=naive["idx"])
+                     ceiling_of=ceiling["idx"], naive_of=naive["idx"] if naive else None, **(extra or {}))
         if not self.batch_available():
             self.add(group, "clipcli batch (CLI)", size, {"error": "skipped: `clipcli batch --help` failed"}, unit="img")
 
@@ -468,11 +471,43 @@ class Bench:
                           "note": "throughput: wall clock incl. start-up"}, unit="img")
 
     def gpu(self) -> None:
-        n = 256 if self.args.quick else 1024
-        for arch in ("vit-b-32", "vit-l-14"):
-            for dtype in ("float32", "bfloat16"):
-                self.images("cuda", dtype, arch, group="gpu", sizes=["640x480", "1920x1080"], cli=False, extras=False,
-                            n_images=n, batch=self.args.gpu_batch_size)
+        """Model-only and end-to-end images/s on the GPU, per architecture, bfloat16 and float32.
+
+        End to end is the library pipeline on JPEG files decoded on the CPU (what embed-image and
+        batch run); the naive pipeline and the CLI rows run for the first architecture only.
+        """
+        a = self.args
+        n = 512 if a.quick else a.gpu_images
+        batch = a.gpu_batch_size
+        for i, arch in enumerate(a.gpu_archs):
+            model = self.model(arch)
+            for dtype in ("bfloat16", "float32"):
+                common = {"model": model, "device": a.gpu_device, "dtype": dtype, "batch": batch,
+                          "image_size": self.image_size(arch)}
+                label = f"{arch}, {a.gpu_device}, {dtype}, batch {batch}"
+                ceiling_paths = inputs.ensure_images(self.cache, "640x480", inputs.DISTINCT)
+                res, _ = self.worker("image_ceiling", n=max(n, 20 * batch), paths=ceiling_paths, max_seconds=4.0, **common)
+                ceiling = self.add("gpu", f"ceiling: model only ({label})", "pixel tensors", res, unit="img",
+                                   arch=arch, dtype=dtype)
+                for size in a.gpu_sizes:
+                    # Larger images decode slower: fewer of them keep each row a few seconds long.
+                    count = n if size == "640x480" else max(n // 4, 2 * batch)
+                    paths = inputs.ensure_images(self.cache, size, count)
+                    naive = None
+                    if i == 0 and a.gpu_naive_images and (dtype == "bfloat16" or size == a.gpu_sizes[0]):
+                        naive_paths = paths[: a.gpu_naive_images]
+                        res, naive_vec = self.worker("image_naive", paths=naive_paths, **common)
+                        naive = self.add("gpu", "naive: open+processor+forward", size, res, unit="img",
+                                         ceiling_of=ceiling["idx"], arch=arch, dtype=dtype)
+                    res, vec = self.worker("image_pipeline", paths=paths, **common)
+                    row = self.add("gpu", "clipcli pipeline (exact, default)", size, res, unit="img",
+                                   ceiling_of=ceiling["idx"], naive_of=naive["idx"] if naive else None,
+                                   arch=arch, dtype=dtype)
+                    if naive:
+                        self.compare(row, vec, naive_vec, "vs naive")
+                    if i == 0 and dtype == "bfloat16" and size == a.gpu_sizes[0] and a.gpu_cli:
+                        self.cli_images("gpu", size, paths, model, a.gpu_device, dtype, ceiling, naive,
+                                        batch=batch, extra={"arch": arch, "dtype": dtype})
 
     # --- fidelity
     def compare(self, row: dict[str, Any], vec: str, ref: str, label: str) -> None:
@@ -571,6 +606,16 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"target": f"{r['row']}: ≥ 1.3× float32, min cosine ≥ 0.999",
                         "measured": f"{r['x_speedup']}×, min cos {r.get('min_cosine_vs_float32', float('nan')):.5f}",
                         "met": r["x_speedup"] >= 1.3 and r.get("min_cosine_vs_float32", 0) >= 0.999})
+    # GPU targets (H100-class): ViT-B/32 end to end with CPU decoding, and model-only bfloat16.
+    for r in rows:
+        if r["group"] != "gpu" or not r.get("rate") or "vit-b-32" not in r.get("arch", ""):
+            continue
+        if r["row"].startswith("ceiling") and "bfloat16" in r["row"]:
+            out.append({"target": "GPU ViT-B/32 model only, bfloat16 ≥ 30,000 img/s",
+                        "measured": f"{r['rate']:,.0f} img/s", "met": r["rate"] >= 30000})
+        elif r["row"].startswith(("clipcli pipeline", "clipcli batch")) and r.get("dtype") == "bfloat16":
+            out.append({"target": f"GPU ViT-B/32 {r['row']} on {r['input']} JPEGs ≥ 2,500 img/s",
+                        "measured": f"{r['rate']:,.0f} img/s", "met": r["rate"] >= 2500})
     for r in rows:
         if r["group"] == "images" and "max_abs_vs_naive" in r and "exact" in r["row"]:
             out.append({"target": f"default pipeline equals the naive (reference) vectors ≤1e-5 on {r['input']}",
@@ -650,7 +695,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (auto: float32 on CPU)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--gpu-batch-size", type=int, default=128, help="batch size of the automatic GPU rows")
+    p.add_argument("--gpu-batch-size", type=int, default=256, help="batch size of the GPU rows")
+    p.add_argument("--gpu-archs", default="vit-b-32,vit-l-14", help="architectures of the GPU rows")
+    p.add_argument("--gpu-sizes", default="640x480,1920x1080", help="image sizes of the GPU rows")
+    p.add_argument("--gpu-images", type=int, default=4096,
+                   help="640x480 images per GPU pipeline row (a quarter of that for larger sizes)")
+    p.add_argument("--gpu-naive-images", type=int, default=512,
+                   help="images of the naive GPU rows (first architecture; 0: none)")
+    p.add_argument("--gpu-device", default="cuda", help=argparse.SUPPRESS)  # to try the GPU rows elsewhere
+    p.add_argument("--no-gpu-cli", dest="gpu_cli", action="store_false",
+                   help="no embed-image/batch CLI rows on the GPU")
     p.add_argument("--images", type=int, default=None, help="images per size (default 96, quick 32)")
     p.add_argument("--texts", type=int, default=None, help="captions per kind (default 512, quick 256)")
     p.add_argument("--sizes", default=",".join(inputs.SIZES), help="comma-separated: " + ", ".join(inputs.SIZES))
@@ -670,6 +724,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.images = args.images or (32 if args.quick else 96)
     args.texts = args.texts or (256 if args.quick else 512)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    args.gpu_archs = [s.strip() for s in args.gpu_archs.split(",") if s.strip()]
+    args.gpu_sizes = [s.strip() for s in args.gpu_sizes.split(",") if s.strip()]
+    for arch in args.gpu_archs:
+        if arch not in inputs.ARCHS:
+            p.error(f"unknown architecture {arch!r} (expected {', '.join(inputs.ARCHS)})")
     for s in args.sizes:
         if s not in inputs.SIZES:
             p.error(f"unknown size {s!r} (expected {', '.join(inputs.SIZES)})")
@@ -721,11 +780,13 @@ def main(argv: list[str] | None = None) -> int:
                 bench.memory()
             elif group == "compile":
                 bench.compiled(device, dtype)
-            elif group == "gpu" and not ARGS.no_gpu and not device.startswith("cuda"):
+            elif group == "gpu" and not ARGS.no_gpu:
                 import torch
 
-                if torch.cuda.is_available():
+                if torch.cuda.is_available() or ARGS.gpu_device != "cuda":
                     bench.gpu()
+                else:
+                    print("gpu: no CUDA device here, no GPU rows", flush=True)
         report = finish(bench, info, started, load_before)
     out = Path(ARGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)

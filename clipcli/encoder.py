@@ -196,6 +196,9 @@ class Encoder:
         self._processor: Any = None
         self._tokenizer: Any = None
         self.max_batch: int | None = None  # lowered when the GPU runs out of memory
+        # Loader threads hand uint8 crops to the forward pass, normalised on the device (see
+        # prepare_image): worth it where pixels cross a bus; on the CPU the threads normalise.
+        self.uint8_transfer = self.device.startswith("cuda")
 
     # ------------------------------------------------------------------ loading
     def _load_kwargs(self) -> dict[str, Any]:
@@ -369,6 +372,66 @@ class Encoder:
         out = self.processor(images=image, return_tensors="np")
         return np.asarray(out["pixel_values"][0], dtype=np.float32)
 
+    def prepare_image(self, image: Image.Image) -> np.ndarray:
+        """One RGB image -> the pixels :meth:`encode_prepared` takes (thread-safe, like
+        :meth:`preprocess_image`).
+
+        On a CUDA device, where the exact fast path applies, this is the resized and cropped HWC
+        uint8 array: the rescale/normalise table is applied on the GPU, so a quarter of the bytes
+        cross the bus and the loader threads skip that step. Everywhere else it is the CHW
+        float32 array of :meth:`preprocess_image`.
+        """
+        if self._custom_transform is None and self.uint8_transfer:
+            fast = self._exact_transform()
+            if fast is not None:
+                array = fast.crop_uint8(image)
+                if array is not None:
+                    return array
+        return self.preprocess_image(image)
+
+    def encode_prepared(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Arrays from :meth:`prepare_image` (or :meth:`preprocess_image`) -> (N, D) vectors."""
+        if not arrays:
+            return np.zeros((0, self.dim("vision")), dtype=np.float32)
+        fast = self._exact_transform()
+        compact = [a.dtype == np.uint8 for a in arrays]
+        if fast is not None and all(compact) and len({a.shape for a in arrays}) == 1:
+            return self._encode_uint8(np.stack(arrays), fast)
+        if any(compact):  # a mixed batch (e.g. one palette image): normalise those here
+            if fast is None:
+                raise RuntimeError("uint8 pixels without the exact transform")  # cannot happen
+            arrays = [fast.normalize(a) if c else a for a, c in zip(arrays, compact)]
+        return self.encode_pixels(np.stack(arrays))
+
+    def _encode_uint8(self, batch: np.ndarray, fast: _ExactClipTransform) -> np.ndarray:
+        """(N, H, W, 3) uint8 -> vectors: the same table lookup as the CPU path, on the device."""
+        import torch
+
+        self.vision_model  # noqa: B018
+        table = getattr(self, "_device_table", None)
+        if table is None:
+            table = torch.from_numpy(fast.table.reshape(-1).copy()).to(self.device)  # [value * 3 + channel]
+            self._device_table = table
+        channel = torch.arange(3, device=self.device)
+        extra = self._position_extra(batch.shape[1], batch.shape[2])
+
+        def forward(chunk: torch.Tensor) -> torch.Tensor:
+            if self.device.startswith("cuda"):
+                chunk = chunk.pin_memory()
+            chunk = chunk.to(self.device, non_blocking=True)
+            pixels = table[chunk.long() * 3 + channel].permute(0, 3, 1, 2).contiguous()  # exact floats, NCHW
+            out = self._call_tower("vision", pixel_values=pixels.to(self.torch_dtype), **extra)
+            return out.image_embeds if self.feature == "projected" else out.pooler_output
+
+        return self._run(forward, torch.from_numpy(np.ascontiguousarray(batch)))
+
+    def _position_extra(self, height: int, width: int) -> dict[str, Any]:
+        # A custom --crop-size gives another input size: interpolate the position embeddings
+        # (transformers' own option) instead of failing in the forward pass.
+        vision_config = getattr(self.config, "vision_config", self.config)
+        native = int(getattr(vision_config, "image_size", height))
+        return {"interpolate_pos_encoding": True} if (height, width) != (native, native) else {}
+
     def _exact_transform(self) -> _ExactClipTransform | None:
         """The verified fast re-implementation of the processor, or None where it does not apply."""
         if not self._fast_checked:
@@ -398,11 +461,7 @@ class Encoder:
 
         self.vision_model  # noqa: B018 - load (or fail) before converting the batch
         tensor = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-        vision_config = getattr(self.config, "vision_config", self.config)
-        native = int(getattr(vision_config, "image_size", tensor.shape[-1]))
-        # A custom --crop-size gives another input size: interpolate the position embeddings
-        # (transformers' own option) instead of failing in the forward pass.
-        extra = {"interpolate_pos_encoding": True} if tuple(tensor.shape[-2:]) != (native, native) else {}
+        extra = self._position_extra(tensor.shape[-2], tensor.shape[-1])
 
         def forward(chunk: torch.Tensor) -> torch.Tensor:
             if self.device.startswith("cuda"):
@@ -549,15 +608,18 @@ def _compile(model: Any) -> Any:
 
 
 class _ExactClipTransform:
-    """The PIL-backend ``CLIPImageProcessor`` re-implemented for RGB images, bit for bit.
+    """The checkpoint's ``CLIPImageProcessor`` re-implemented for RGB images, bit for bit.
 
-    Same steps as the processor: shortest-edge (or fixed) resize with Pillow and the same size
-    arithmetic, center crop (zero padding when the image is smaller than the crop), rescale in
-    float64 then cast to float32, normalise in float32. What it skips are the processor's
-    conversions of the full-size image (convert, ``np.array``, channel transposes and a
-    ``fromarray`` round trip before the resize). Built only for processor settings it covers,
-    and only after matching the processor exactly on probe images; anything else (other modes,
-    padding options, a torchvision backend) keeps using the processor.
+    Same steps as the processor: shortest-edge (or fixed) resize with the same size arithmetic
+    and the same resize function (Pillow for the PIL backend, ``torchvision``'s ``resize`` on the
+    uint8 tensor for the torchvision backend), center crop, then rescale and normalise. What it
+    skips are the processor's conversions of the full-size image (convert, ``np.array``, channel
+    transposes, a ``fromarray`` round trip) and its per-call validation. Rescale and normalise
+    act on each uint8 value alone, so they are a 256-entry table per channel computed with the
+    backend's own operations; :meth:`crop_uint8` stops before that step so a GPU run can send
+    uint8 pixels and apply the same table there (4x fewer bytes to copy, identical floats).
+    Built only for processor settings it covers, and only after matching the processor exactly
+    on probe images; anything else (other modes, padding options) keeps using the processor.
     """
 
     TOLERANCE = 1e-6
@@ -571,6 +633,7 @@ class _ExactClipTransform:
         rescale: float | None,
         mean: np.ndarray | None,
         std: np.ndarray | None,
+        backend: str = "pil",
     ) -> None:
         self.resize = resize  # ("shortest", edge, 0) or ("fixed", height, width)
         self.resample = resample
@@ -578,6 +641,7 @@ class _ExactClipTransform:
         self.rescale = rescale
         self.mean = mean
         self.std = std
+        self.backend = backend  # "pil" or "torchvision": which resize and arithmetic to copy
 
     @property
     def needed_edge(self) -> int | None:
@@ -601,8 +665,8 @@ class _ExactClipTransform:
     @classmethod
     def _plan(cls, p: Any) -> _ExactClipTransform | None:
         backend = getattr(p, "backend", None)
-        if backend not in (None, "pil"):
-            return None  # torchvision resizes differently
+        if backend not in (None, "pil", "torchvision"):
+            return None
         if backend is None and type(p).__name__ != "CLIPImageProcessor":
             return None
         if getattr(p, "do_pad", None):
@@ -634,7 +698,8 @@ class _ExactClipTransform:
         if getattr(p, "do_normalize", False):
             mean = np.array(_three(p.image_mean), dtype=np.float32)
             std = np.array(_three(p.image_std), dtype=np.float32)
-        return cls(resize=resize, resample=resample, crop=crop, rescale=rescale, mean=mean, std=std)
+        return cls(resize=resize, resample=resample, crop=crop, rescale=rescale, mean=mean, std=std,
+                   backend=backend or "pil")
 
     def _matches(self, processor: Any) -> bool:
         from PIL import Image
@@ -652,6 +717,11 @@ class _ExactClipTransform:
 
     def __call__(self, image: Image.Image) -> np.ndarray | None:
         """CHW float32 pixels, or None for an image this path does not cover (not plain RGB)."""
+        array = self.crop_uint8(image)
+        return None if array is None else self.normalize(array)
+
+    def crop_uint8(self, image: Image.Image) -> np.ndarray | None:
+        """The resized and cropped HWC uint8 pixels, or None for an image this path does not cover."""
         if image.mode != "RGB" or image.info.get("transparency") is not None:
             return None
         if self.resize is not None:
@@ -663,30 +733,72 @@ class _ExactClipTransform:
                 new_w, new_h = (a, new_long) if w <= h else (new_long, a)
             else:
                 new_h, new_w = a, b
-            image = image.resize((new_w, new_h), resample=self.resample)
-        array = np.asarray(image)  # HWC uint8
+            if self.backend == "torchvision":
+                array = self._torchvision_resize(np.asarray(image), new_h, new_w)
+            else:
+                array = np.asarray(image.resize((new_w, new_h), resample=self.resample))
+        else:
+            array = np.asarray(image)  # HWC uint8
         if self.crop is not None:
-            array = _center_crop(array, *self.crop)
-        # Rescale and normalise act on each uint8 value alone: a 256-entry table per channel,
-        # computed with exactly the processor's operations, gives the same floats faster.
+            crop = _center_crop_torchvision if self.backend == "torchvision" else _center_crop
+            array = crop(array, *self.crop)
+        return array
+
+    def _torchvision_resize(self, array: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+        """torchvision's antialiased resize of the uint8 CHW tensor, as the processor calls it."""
+        import torch
+        from torchvision.transforms.v2 import functional as tvF
+        from transformers.image_utils import pil_torch_interpolation_mapping
+
+        # A writable copy, as the processor makes (torch warns on Pillow's read-only buffer).
+        tensor = torch.from_numpy(np.array(array)).permute(2, 0, 1).contiguous()
+        interpolation = pil_torch_interpolation_mapping[self.resample]
+        out = tvF.resize(tensor, [new_h, new_w], interpolation=interpolation, antialias=True)
+        return out.permute(1, 2, 0).numpy()
+
+    def normalize(self, array: np.ndarray) -> np.ndarray:
+        """HWC uint8 -> CHW float32 through the per-channel table (same floats as the processor)."""
+        table = self.table
         out = np.empty((3,) + array.shape[:2], dtype=np.float32)
         for c in range(3):
-            np.take(self._table[:, c], array[..., c], out=out[c])
+            np.take(table[:, c], array[..., c], out=out[c])
         return out
 
     @property
-    def _table(self) -> np.ndarray:
+    def table(self) -> np.ndarray:
+        """(256, 3) float32: the processor's rescale and normalise of each uint8 value, per channel."""
         table = getattr(self, "_lut", None)
         if table is None:
-            values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # (256, 3) uint8
-            if self.rescale is not None:
-                table = (values.astype(np.float64) * self.rescale).astype(np.float32)
+            if self.backend == "torchvision":
+                table = self._torchvision_table()
             else:
-                table = values.astype(np.float32)
-            if self.mean is not None:
-                table = (table - self.mean) / self.std
+                values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # (256, 3) uint8
+                if self.rescale is not None:
+                    table = (values.astype(np.float64) * self.rescale).astype(np.float32)
+                else:
+                    table = values.astype(np.float32)
+                if self.mean is not None:
+                    table = (table - self.mean) / self.std
             self._lut = table = np.ascontiguousarray(table, dtype=np.float32)
         return table
+
+    def _torchvision_table(self) -> np.ndarray:
+        # The torchvision backend fuses rescale into mean and std (mean / factor, std / factor,
+        # in float32 tensors) and normalises the float32 image with them: the same ops here.
+        import torch
+
+        values = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 3)
+        if self.mean is not None:
+            mean = torch.tensor([float(v) for v in self.mean])
+            std = torch.tensor([float(v) for v in self.std])
+            if self.rescale is not None:
+                mean, std = mean * (1.0 / self.rescale), std * (1.0 / self.rescale)
+            table = (values.to(torch.float32) - mean) / std
+        elif self.rescale is not None:
+            table = values * self.rescale
+        else:
+            table = values.to(torch.float32)
+        return table.numpy()
 
 
 def _three(values: Any) -> list[float]:
@@ -713,6 +825,22 @@ def _center_crop(array: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     top += top_pad
     left += left_pad
     return padded[max(0, top) : min(new_h, top + crop_h), max(0, left) : min(new_w, left + crop_w)]
+
+
+def _center_crop_torchvision(array: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    """The torchvision backend's ``center_crop`` on an HWC array (its own zero padding split)."""
+    h, w = array.shape[:2]
+    if crop_w > w or crop_h > h:
+        left = (crop_w - w) // 2 if crop_w > w else 0
+        top = (crop_h - h) // 2 if crop_h > h else 0
+        right = (crop_w - w + 1) // 2 if crop_w > w else 0
+        bottom = (crop_h - h + 1) // 2 if crop_h > h else 0
+        padded = np.zeros((h + top + bottom, w + left + right) + array.shape[2:], dtype=array.dtype)
+        padded[top : top + h, left : left + w] = array
+        array = padded
+        h, w = array.shape[:2]
+    top, left = int((h - crop_h) / 2.0), int((w - crop_w) / 2.0)
+    return array[top : top + crop_h, left : left + crop_w]
 
 
 def load_config(model: str, revision: str | None = None) -> Any:

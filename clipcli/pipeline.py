@@ -142,7 +142,7 @@ def embed_images(
 
     def work(ref: str) -> np.ndarray:
         image = loader.load(ref, draft_size=draft) if draft else loader.load(ref)
-        return encoder.preprocess_image(image)
+        return encoder.prepare_image(image)
 
     pending: deque[tuple[str, Future[np.ndarray]]] = deque()
     refs_iter = iter(refs)
@@ -190,7 +190,7 @@ def _draft_size(encoder: Encoder) -> int | None:
 
 def _encode_ready(ready: list[tuple[str, np.ndarray | Failed]], encoder: Encoder) -> list[Result]:
     arrays = [item for _, item in ready if not isinstance(item, Failed)]
-    vectors = encoder.encode_pixels(np.stack(arrays)) if arrays else np.zeros((0, 0), np.float32)
+    vectors = encoder.encode_prepared(arrays) if arrays else np.zeros((0, 0), np.float32)
     out: list[Result] = []
     row = 0
     for ref, item in ready:

@@ -96,6 +96,9 @@ def test_exact_transform_matches_the_processor_bit_for_bit(tiny_model, size):
 def test_exact_transform_follows_preprocessing_overrides(tiny_model, spec):
     processor = customise_processor(_processor(tiny_model), spec)
     fast = _ExactClipTransform.for_processor(processor)
+    if getattr(processor, "backend", "pil") == "torchvision" and spec.resample in ("box", "hamming"):
+        assert fast is None  # torchvision cannot resize so: the processor (and its error) stays
+        return
     assert fast is not None
     rng = np.random.default_rng(7)
     for w, h in [(50, 37), (37, 50), (13, 9), (200, 120)]:
@@ -130,7 +133,7 @@ def test_processor_settings_it_does_not_cover_keep_the_processor():
     assert _ExactClipTransform.for_processor(CLIPImageProcessor(do_pad=True)) is None
 
     class NotPil:
-        backend = "torchvision"
+        backend = "some-other-backend"
 
     assert _ExactClipTransform.for_processor(NotPil()) is None
 

@@ -214,6 +214,12 @@ class _RemoteEncoder:
     def preprocess_image(self, image: Any) -> np.ndarray:
         return self._encoder.preprocess_image(image)
 
+    # Float pixels only: the batcher concatenates requests of several clients into one pass.
+    prepare_image = preprocess_image
+
+    def encode_prepared(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return self.encode_pixels(np.stack(arrays))
+
     def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
         with self._server.tokenizer_lock:  # transformers' quiet mode swaps process-wide state
             return self._encoder.tokenize(texts)
