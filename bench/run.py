@@ -499,6 +499,10 @@ class Bench:
                         res, naive_vec = self.worker("image_naive", paths=naive_paths, **common)
                         naive = self.add("gpu", "naive: open+processor+forward", size, res, unit="img",
                                          ceiling_of=ceiling["idx"], arch=arch, dtype=dtype)
+                    if i == 0 and dtype == "bfloat16":  # the CPU side alone: what it can feed the GPU
+                        res, _ = self.worker("image_loader", paths=paths, **common)
+                        self.add("gpu", "loading only: read+decode+preprocess", size, res, unit="img",
+                                 ceiling_of=ceiling["idx"], arch=arch, dtype=dtype)
                     res, vec = self.worker("image_pipeline", paths=paths, **common)
                     row = self.add("gpu", "clipcli pipeline (exact, default)", size, res, unit="img",
                                    ceiling_of=ceiling["idx"], naive_of=naive["idx"] if naive else None,
@@ -656,8 +660,7 @@ def table(report: dict[str, Any]) -> str:
         + (" (libjpeg-turbo)" if hw.get("libjpeg_turbo") else "")
         + (f", GPU {hw['cuda']}" if hw.get("cuda") else "")
         + f"; load average before/after {report['load_average']['before']} / {report['load_average']['after']}",
-        f"model: {report['settings']['model'] or report['settings']['arch'] + ' (random weights)'}, batch size {report['settings']['batch_size']}, "
-        f"device {report['settings']['device']}, dtype {report['settings']['dtype']}",
+        _settings_line(report["settings"]),
         "",
         "| group | row | input | n | throughput | × ceiling | × naive | CPU ms/item | peak RSS | fidelity / notes |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -676,6 +679,17 @@ def table(report: dict[str, Any]) -> str:
         measured = f"{t['measured']:.2f}×" if isinstance(t["measured"], float) else t["measured"]
         lines.append(f"| {t['target']} | {measured} | {'yes' if t['met'] else 'NO'} |")
     return "\n".join(lines)
+
+
+def _settings_line(st: dict[str, Any]) -> str:
+    model = st["model"] or st["arch"] + " (random weights)"
+    line = f"model: {model}, batch size {st['batch_size']}, device {st['device']}, dtype {st['dtype']}"
+    if st.get("groups") == ["gpu"]:  # a GPU-only run: the CPU settings above do not apply
+        line = (f"model: {', '.join(st['gpu_archs'])} (random weights), batch size {st['gpu_batch_size']}, "
+                f"device {st.get('gpu_device', 'cuda')}, dtype per row")
+    elif "gpu" in st.get("groups", []):
+        line += f"; GPU rows: {', '.join(st['gpu_archs'])}, batch size {st['gpu_batch_size']}"
+    return line
 
 
 def _x(row: dict[str, Any], key: str) -> str:

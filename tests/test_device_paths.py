@@ -179,3 +179,33 @@ def test_cuda_pipeline_sends_uint8_and_matches_the_cpu_reference(tiny_model, tmp
     np.testing.assert_allclose(got, cpu, atol=tolerance * max(1.0, float(np.abs(cpu).max())), rtol=0)
     cosine = (got * cpu).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(cpu, axis=1)
     assert cosine.min() > (0.9999 if dtype == "float32" else 0.99)
+
+
+def test_cpu_threads_drop_to_one_only_when_the_model_is_on_an_accelerator(monkeypatch):
+    from clipcli.encoder import _fit_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        _fit_cpu_threads("cpu")
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        _fit_cpu_threads("cuda")
+        assert torch.get_num_threads() == 2  # the user's explicit choice stands
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        _fit_cpu_threads("cuda:0")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torchvision_layout_falls_back_to_channels_first_when_only_that_matches(monkeypatch):
+    processor = _torchvision_processor()
+    real = _ExactClipTransform._matches
+    monkeypatch.setattr(_ExactClipTransform, "_matches", lambda self, p: not self.channels_last and real(self, p))
+    fast = _ExactClipTransform.for_processor(processor)
+    assert fast is not None and fast.channels_last is False
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (90, 70, 3), dtype=np.uint8), "RGB")
+    theirs = np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0], dtype=np.float32)
+    np.testing.assert_array_equal(fast(image), theirs)
