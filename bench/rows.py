@@ -40,7 +40,7 @@ def _dtype(spec: dict[str, Any]):
 
 def _hf_tower(spec: dict[str, Any], tower: str):
     """The plain transformers tower (what the naive pipeline and the ceiling use)."""
-    from clipcli.encoder import _quantize_int8, quiet_transformers
+    from clipcli.encoder import INT8_FLOAT_LAYERS, _quantize_int8, quiet_transformers
 
     with quiet_transformers():
         import transformers
@@ -48,7 +48,7 @@ def _hf_tower(spec: dict[str, Any], tower: str):
         cls = transformers.CLIPVisionModel if tower == "vision" else transformers.CLIPTextModel
         model = cls.from_pretrained(spec["model"], dtype=_dtype(spec)).eval().to(spec["device"])
     if spec.get("quantize") == "int8":
-        model = _quantize_int8(model)
+        model = _quantize_int8(model, INT8_FLOAT_LAYERS[tower])
     if spec.get("compile"):
         import torch
 
@@ -204,6 +204,31 @@ def row_image_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def row_image_loader(spec: dict[str, Any]) -> dict[str, Any]:
+    """The loading side alone: embed_images with the forward pass replaced by nothing.
+
+    Read, decode and preprocess in the loader threads, batches assembled as for the model:
+    the most images per second the CPU side can feed a model on this machine.
+    """
+    from clipcli.encoder import Encoder
+    from clipcli.pipeline import ImageLoader, embed_images
+
+    _threads(spec)
+    encoder = Encoder(spec["model"], device=spec["device"], dtype=spec.get("dtype", "auto"))
+    encoder.prepare_images()
+    encoder.encode_prepared = lambda arrays: np.zeros((len(arrays), 1), np.float32)  # no model
+    loader = ImageLoader(fast_decode=bool(spec.get("fast_decode")))
+
+    def run() -> int:
+        for _ in embed_images(spec["paths"], encoder, loader, batch_size=spec["batch"],
+                              workers=spec.get("workers") or 0):
+            pass
+        return len(spec["paths"])
+
+    items, seconds = _timed(run, "cpu")
+    return {"items": items, "seconds": seconds}
+
+
 def row_preprocess(spec: dict[str, Any]) -> dict[str, Any]:
     """Where time goes: decode and preprocess one image at a time, single-threaded, no model."""
     from clipcli.encoder import Encoder
@@ -226,9 +251,9 @@ def row_preprocess(spec: dict[str, Any]) -> dict[str, Any]:
     def decode(draft: int | None = None) -> list[Any]:
         return [decode_image(d, draft_size=draft) for d in data]
 
-    from clipcli.pipeline import DRAFT_MARGIN
+    from clipcli.pipeline import draft_size_for
 
-    draft = DRAFT_MARGIN * (fast.needed_edge if fast else 224)
+    draft = draft_size_for(fast.needed_edge if fast else 224)  # what embed_images asks for
     images = decode()
     drafted = decode(draft)
     clock("decode_ms", decode)

@@ -229,7 +229,7 @@ def test_fast_decode_is_opt_in_and_close_to_the_exact_path(tiny_model, tmp_path)
     assert cos.min() > 0.98
 
 
-def test_fast_decode_requests_twice_the_needed_edge(tiny_model, tmp_path):
+def test_fast_decode_requests_the_needed_edge(tiny_model, tmp_path):
     paths = _write_photos(tmp_path, 2)
     seen = []
 
@@ -240,7 +240,7 @@ def test_fast_decode_requests_twice_the_needed_edge(tiny_model, tmp_path):
 
     encoder = Encoder(tiny_model, device="cpu")
     _vectors(paths, encoder, SpyLoader(fast_decode=True))
-    assert seen == [60, 60]
+    assert seen == [30, 30]  # DRAFT_MARGIN (1) x the tiny model's 30-pixel resize edge
     seen.clear()
     _vectors(paths, encoder, SpyLoader())
     assert seen == [None, None]
@@ -306,6 +306,13 @@ def test_int8_is_opt_in_and_close_to_float32(tiny_model):
     ta, tb = f32.encode_texts(texts), q8.encode_texts(texts)
     cos = (ta * tb).sum(1) / (np.linalg.norm(ta, axis=1) * np.linalg.norm(tb, axis=1))
     assert cos.min() > 0.99
+    # The text tower's first layer stays float32 (INT8_FLOAT_LAYERS); every other linear is int8.
+    kinds = {name: type(m).__module__ for name, m in q8.text_model.named_modules() if name.endswith(("fc1", "q_proj"))}
+    assert kinds and all(
+        kind == ("torch.nn.modules.linear" if "encoder.layers.0." in name else "torch.ao.nn.quantized.dynamic.modules.linear")
+        for name, kind in kinds.items()
+    ), kinds
+    assert any("encoder.layers.0." not in name for name in kinds)
     assert q8.metadata("vision")["quantize"] == "int8"
     assert "quantize" not in f32.metadata("vision")
 
