@@ -124,4 +124,7 @@ def describe_processor(processor: Any, spec: PreprocessSpec | None = None) -> di
         "std": [float(v) for v in processor.image_std] if getattr(processor, "do_normalize", True) else None,
         "resample": resample_name,
         "rescale_factor": float(getattr(processor, "rescale_factor", 1 / 255)),
+        # transformers resizes with Pillow or, where torchvision is installed, with torchvision:
+        # close but not equal pixels, so the backend is part of what made a vector.
+        "backend": getattr(processor, "backend", None) or "pil",
     }

@@ -545,3 +545,23 @@ def test_quiet_prints_only_skips_and_sigterm_is_an_interrupt(tiny_model: str, ph
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_processor_backend_is_part_of_the_settings(tiny_model: str, photos: Path, tmp_path: Path) -> None:
+    """Vectors made with transformers' torchvision backend (other resize) are never mixed with PIL ones."""
+    out = tmp_path / "out"
+    base = [str(photos), "-o", str(out), "-m", tiny_model]
+    assert cli(*base).exit_code == 0
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["preprocessing"]["backend"] == "pil"  # no torchvision in this install
+    # A manifest from before the backend was recorded: the PIL backend, so it goes on.
+    del manifest["preprocessing"]["backend"]
+    path.write_text(json.dumps(manifest))
+    assert cli(*base).exit_code == 0
+    manifest = json.loads(path.read_text())
+    manifest["preprocessing"]["backend"] = "torchvision"
+    path.write_text(json.dumps(manifest))
+    make_image(photos / "new.png", (44, 40), seed=99)  # something to embed: the settings must match
+    result = cli(*base)
+    assert result.exit_code == 2 and "preprocessing.backend" in result.stderr and "never mixed" in result.stderr

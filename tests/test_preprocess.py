@@ -168,6 +168,7 @@ def test_clip_default_is_the_checkpoint_processor(tiny_model: str) -> None:
         "preset": "clip", "custom": False, "resize_shortest_edge": 30, "crop_size": [30, 30],
         "mean": pytest.approx(list(CLIP_MEAN)), "std": pytest.approx(list(CLIP_STD)), "resample": "bicubic",
         "rescale_factor": pytest.approx(1 / 255),
+        "backend": "torchvision" if TORCHVISION_BACKEND else "pil",
     }
 
 

@@ -605,7 +605,9 @@ _INFO_KEYS = ("dim", "model_dtype", "device", "clipcli_version", "max_text_lengt
 def _comparable(key: str, value: Any) -> Any:
     if key == "preprocessing" and isinstance(value, dict) and "callable" not in value:
         # The values decide the space; the names (preset, custom) only say how they were asked.
-        return {k: v for k, v in value.items() if k not in ("preset", "custom")}
+        # Manifests from before the backend was recorded were made with the PIL backend (the
+        # only one clipcli's install brings).
+        return {"backend": "pil", **{k: v for k, v in value.items() if k not in ("preset", "custom")}}
     return json.loads(json.dumps(value))
 
 
