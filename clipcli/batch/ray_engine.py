@@ -29,6 +29,7 @@ import math
 import re
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +144,7 @@ class RayEngine:
         self._resources = None
         if self._started and self._ray is not None:
             self._started = False
+            _wait_for_executors()
             try:
                 self._ray.shutdown()
             except Exception:  # shutting down after a failure: nothing more to save
@@ -226,13 +228,20 @@ class RayEngine:
                 batch_size=window, **actor_args,
             )
         seen: set[str] = set()
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in batches:
                 yield self._results(batch, seen, on_truncated)
         except ClipcliError:
             raise
         except Exception as exc:
             raise _as_clipcli_error(exc) from exc
+        finally:
+            # Stop Ray Data's executor now (its generator's cleanup), not when garbage collected:
+            # it must be gone before close() shuts Ray down (see _wait_for_executors).
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
     def _results(self, batch: dict[str, np.ndarray], seen: set[str], on_truncated: Callable[[str], Any] | None) -> list[Result]:
         out: list[Result] = []
@@ -382,6 +391,25 @@ class _Actor:
             "device": np.full(n, self.encoder.device, dtype=object),
             "model_dtype": np.full(n, str(self.encoder.torch_dtype).replace("torch.", ""), dtype=object),
         }
+
+
+def _wait_for_executors(timeout: float = 10.0) -> None:
+    """Wait (bounded) for Ray Data's executor threads to end before ``ray.shutdown()``.
+
+    A thread of theirs that touches Ray after the shutdown makes Ray's core worker end the
+    whole process with exit status 1 ("The core worker has already been shutdown"): after a
+    Ctrl-C that turned clipcli's 130 into 1 in one CI run.
+    """
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name.startswith("StreamingExecutor-"):
+            shutdown = getattr(thread, "shutdown", None)  # a no-op for an executor already shut down
+            if shutdown is not None:
+                try:
+                    shutdown(force=True)
+                except Exception:  # best effort: Ray's internals vary between releases
+                    pass
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class EncodeImages(_Actor):
