@@ -12,12 +12,16 @@ Features:
   ``get_text_features``; loaded as ``CLIP*ModelWithProjection`` so only one tower is read.
 
 Speed (none of it changes a vector on the default path):
-- Image preprocessing runs an exact re-implementation of the PIL-backend ``CLIPImageProcessor``
-  (same size arithmetic, the same Pillow resize, crop, float64 rescale and float32 normalise)
-  when the checkpoint's processor is one it covers; it is checked against the processor itself
-  on probe images when first used and falls back to the processor on any difference. It skips
-  the processor's full-resolution copies (convert, array, transpose, array again), which cost
-  more than the resize itself on large photos.
+- Image preprocessing runs an exact re-implementation of the checkpoint's ``CLIPImageProcessor``
+  (PIL backend: the same Pillow resize, crop, float64 rescale and float32 normalise; torchvision
+  backend: the same torchvision resize and fused float32 normalisation) when it is one it
+  covers; it is checked against the processor itself on probe images when first used and falls
+  back to the processor on any difference. It skips the processor's full-resolution copies
+  (convert, array, transpose, array again), which cost more than the resize itself on large
+  photos.
+- On CUDA the loader threads hand over uint8 crops and the normalisation table is applied on
+  the GPU (:meth:`Encoder.prepare_image`, :meth:`Encoder.encode_prepared`): same floats, a
+  quarter of the bytes to pin and copy.
 - ``quantize="int8"`` (opt-in, CPU): dynamic int8 quantisation of the towers' linear layers.
   Vectors change slightly (cosine to float32 typically > 0.999), so it is never the default.
 - ``compile=True`` (opt-in): ``torch.compile`` of the towers; if compiling fails the encoder

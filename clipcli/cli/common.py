@@ -51,7 +51,7 @@ RetriesOpt = Annotated[int | None, typer.Option(help="URL retries on connection 
 MaxBytesOpt = Annotated[int | None, typer.Option("--max-bytes", help="Largest URL download in bytes. (default: 52428800)", rich_help_panel=IN_PANEL)]
 MaxPixelsOpt = Annotated[int | None, typer.Option("--max-pixels", help="Largest image in pixels. (default: 89478485)", rich_help_panel=IN_PANEL)]
 WorkersOpt = Annotated[int | None, typer.Option(help="Loader threads (0: automatic).", rich_help_panel=IN_PANEL)]
-QuantizeOpt = Annotated[str | None, typer.Option(help="int8: dynamic int8 quantisation of the linear layers on CPU (faster, cosine ≥ 0.998 to float32); none: off.", rich_help_panel=MODEL_PANEL)]
+QuantizeOpt = Annotated[str | None, typer.Option(help="int8: dynamic int8 quantisation of the linear layers on CPU (2-4x faster; min cosine to float32 0.9992 on the bench, see README); none: off.", rich_help_panel=MODEL_PANEL)]
 FastDecodeOpt = Annotated[bool | None, typer.Option("--fast-decode/--no-fast-decode", help="Decode large JPEGs at reduced size (Pillow draft mode): faster, vectors differ slightly from the exact path.", rich_help_panel=PRE_PANEL, show_default=False)]
 CompileOpt = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model (slow first batch; falls back with a warning if it fails).", rich_help_panel=MODEL_PANEL, show_default=False)]
 FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first input that fails.", rich_help_panel=IN_PANEL)]
