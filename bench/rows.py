@@ -129,8 +129,7 @@ def row_image_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
     _save(spec, first)
     out: dict[str, Any] = {"items": items, "seconds": seconds}
     if reference is not None:
-        out["min_cosine_vs_float32"] = _min_cosine(first, reference)
-        out["max_abs_vs_float32"] = float(np.abs(first - reference).max())
+        out.update(_vs_float32(first, reference))
     return out
 
 
@@ -326,9 +325,7 @@ def row_text_ceiling(spec: dict[str, Any]) -> dict[str, Any]:
         items, seconds = _timed(run, spec["device"])
     out: dict[str, Any] = {"items": items, "seconds": seconds}
     if reference is not None:
-        got = np.concatenate([o.numpy() for o in outputs])
-        out["min_cosine_vs_float32"] = _min_cosine(got, reference)
-        out["max_abs_vs_float32"] = float(np.abs(got - reference).max())
+        out.update(_vs_float32(np.concatenate([o.numpy() for o in outputs]), reference))
     return out
 
 
@@ -390,6 +387,12 @@ def row_text_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def _vs_float32(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """The fidelity columns of a quantised/compiled row against its float32 vectors."""
+    return {"min_cosine_vs_float32": _min_cosine(got, reference),
+            "max_abs_vs_float32": float(np.abs(got - reference).max())}
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:

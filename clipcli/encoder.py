@@ -203,6 +203,7 @@ class Encoder:
         # Loader threads hand uint8 crops to the forward pass, normalised on the device (see
         # prepare_image): worth it where pixels cross a bus; on the CPU the threads normalise.
         self.uint8_transfer = self.device.startswith("cuda")
+        self._device_table: Any = None  # the normalisation table on the device, for uint8 batches
 
     # ------------------------------------------------------------------ loading
     def _load_kwargs(self) -> dict[str, Any]:
@@ -403,8 +404,7 @@ class Encoder:
         if fast is not None and all(compact) and len({a.shape for a in arrays}) == 1:
             return self._encode_uint8(np.stack(arrays), fast)
         if any(compact):  # a mixed batch (e.g. one palette image): normalise those here
-            if fast is None:
-                raise RuntimeError("uint8 pixels without the exact transform")  # cannot happen
+            assert fast is not None  # prepare_image makes uint8 only through the exact transform
             arrays = [fast.normalize(a) if c else a for a, c in zip(arrays, compact)]
         return self.encode_pixels(np.stack(arrays))
 
@@ -413,10 +413,9 @@ class Encoder:
         import torch
 
         self.vision_model  # noqa: B018
-        table = getattr(self, "_device_table", None)
-        if table is None:
-            table = torch.from_numpy(fast.table.reshape(-1).copy()).to(self.device)  # [value * 3 + channel]
-            self._device_table = table
+        if self._device_table is None:  # [value * 3 + channel]
+            self._device_table = torch.from_numpy(fast.table.reshape(-1).copy()).to(self.device)
+        table = self._device_table
         channel = torch.arange(3, device=self.device)
         extra = self._position_extra(batch.shape[1], batch.shape[2])
 

@@ -41,6 +41,7 @@ Decoding rules:
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import re
@@ -309,9 +310,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return out
 
 
-_COMPOSITES: list[bool] = []
-
-
+@functools.cache
 def composites_transparency() -> bool:
     """Whether the installed transformers composites transparent pixels onto white when it
     converts to RGB (True; also when transformers cannot be asked) or drops alpha (False).
@@ -319,20 +318,18 @@ def composites_transparency() -> bool:
     Asked once, on a one-pixel transparent black image, so decoding matches the reference
     pipeline of whichever transformers release is installed.
     """
-    if not _COMPOSITES:
-        try:
-            import numpy as np
-            from transformers.image_transforms import convert_to_rgb
+    try:
+        import numpy as np
+        from transformers.image_transforms import convert_to_rgb
 
-            probe = Image.new("RGBA", (1, 1), (0, 0, 0, 0))
-            try:
-                out = convert_to_rgb(probe, return_numpy=True)  # newer releases warn without it
-            except TypeError:
-                out = convert_to_rgb(probe)
-            _COMPOSITES.append(np.asarray(out).reshape(-1)[:3].tolist() == [255, 255, 255])
-        except Exception:  # no (usable) transformers: the current releases' behaviour
-            _COMPOSITES.append(True)
-    return _COMPOSITES[0]
+        probe = Image.new("RGBA", (1, 1), (0, 0, 0, 0))
+        try:
+            out = convert_to_rgb(probe, return_numpy=True)  # newer releases warn without it
+        except TypeError:
+            out = convert_to_rgb(probe)
+        return np.asarray(out).reshape(-1)[:3].tolist() == [255, 255, 255]
+    except Exception:  # no (usable) transformers: the current releases' behaviour
+        return True
 
 
 def _high_bit_grey_to_8bit(img: Image.Image) -> Image.Image:

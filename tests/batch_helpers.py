@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from typer.testing import CliRunner
 
+from clipcli.batch import Events
 from clipcli.cli import app
 
 
@@ -28,3 +29,15 @@ def result_of(out: Path) -> tuple[np.ndarray, list[str], list[str]]:
 
 def manifest(out: Path) -> dict[str, Any]:
     return json.loads((out / "manifest.json").read_text())
+
+
+class StopAfter(Events):
+    """Simulates Ctrl-C after ``n`` progress reports."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def progress(self, embedded: int, failed: int, total: int) -> None:
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from batch_helpers import StopAfter
 from conftest import make_image
 from typer.testing import CliRunner
 
@@ -440,17 +441,6 @@ def test_lock_refuses_then_waits(tiny_model: str, photos: Path, tmp_path: Path) 
 # --------------------------------------------------------------------------- resume (in-process)
 
 
-class _StopAfter(Events):
-    """Simulates Ctrl-C after ``n`` progress reports."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def progress(self, embedded: int, failed: int, total: int) -> None:
-        self.n -= 1
-        if self.n == 0:
-            raise KeyboardInterrupt
-
 
 def _encoder(model: str) -> Any:
     from clipcli.encoder import Encoder
@@ -471,7 +461,7 @@ def test_interrupt_keeps_rows_and_resume_equals_full_run(tiny_model: str, tmp_pa
 
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
-        BatchRunner(part, collection, options=options, events=_StopAfter(2)).run(lambda: _encoder(tiny_model))
+        BatchRunner(part, collection, options=options, events=StopAfter(2)).run(lambda: _encoder(tiny_model))
     manifest = json.loads((part / "manifest.json").read_text())
     assert manifest["status"] == "interrupted"
     # 2 batches of 3 = 6 rows: one full shard of 4 plus the 2 in memory, committed on interrupt.

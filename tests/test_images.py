@@ -364,19 +364,30 @@ def test_permission_denied(unreadable_file: Path) -> None:
 
 def test_transparency_follows_the_installed_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Releases that drop alpha (transformers 5.17 and earlier) get alpha dropped here too."""
-    import clipcli.images as images_module
-
-    rgba = Image.new("RGBA", (4, 2), (200, 10, 10, 0))
-    data = _png_bytes(rgba)
-    assert decode_image(data).getpixel((0, 0)) == (255, 255, 255)  # this transformers composites
-    monkeypatch.setattr(images_module, "_COMPOSITES", [False])
-    assert decode_image(data).getpixel((0, 0)) == (200, 10, 10)
-    monkeypatch.setattr(images_module, "_COMPOSITES", [])
-
-    def old_convert_to_rgb(image):  # what transformers 5.17 does
-        return image if image.mode == "RGB" else image.convert("RGB")
-
     import transformers.image_transforms
 
-    monkeypatch.setattr(transformers.image_transforms, "convert_to_rgb", old_convert_to_rgb)
-    assert images_module.composites_transparency() is False
+    import clipcli.images as images_module
+
+    data = _png_bytes(Image.new("RGBA", (4, 2), (200, 10, 10, 0)))
+    monkeypatch.setattr(images_module, "composites_transparency", lambda: True)
+    assert decode_image(data).getpixel((0, 0)) == (255, 255, 255)
+    monkeypatch.setattr(images_module, "composites_transparency", lambda: False)
+    assert decode_image(data).getpixel((0, 0)) == (200, 10, 10)
+    monkeypatch.undo()
+
+    def dropping(image):  # what transformers 5.17 does
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    def compositing(image, return_numpy=False):  # what transformers 5.24 does
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        out = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+        return np.asarray(out) if return_numpy else out
+
+    try:
+        for fake, expected in ((dropping, False), (compositing, True)):
+            monkeypatch.setattr(transformers.image_transforms, "convert_to_rgb", fake)
+            images_module.composites_transparency.cache_clear()
+            assert images_module.composites_transparency() is expected
+    finally:
+        monkeypatch.undo()
+        images_module.composites_transparency.cache_clear()  # the real answer for later tests

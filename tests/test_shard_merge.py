@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from batch_helpers import cli, manifest, result_of
+from batch_helpers import StopAfter, cli, manifest, result_of
 from conftest import make_image
 
-from clipcli.batch import BatchOptions, BatchRunner, Events, collect_images
+from clipcli.batch import BatchOptions, BatchRunner, collect_images
 from clipcli.batch.merge import merge_outputs
 from clipcli.batch.runner import parse_shard, shard_of
 from clipcli.errors import UsageError
@@ -179,15 +179,6 @@ def test_other_shard_into_same_outdir_refused(tiny_model: str, photos: Path, tmp
     assert manifest(out)["shard"] == "1/2"
 
 
-class _StopAfter(Events):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def progress(self, embedded: int, failed: int, total: int) -> None:
-        self.n -= 1
-        if self.n == 0:
-            raise KeyboardInterrupt
-
 
 def test_incomplete_part_refused_unless_allowed(tiny_model: str, tmp_path: Path) -> None:
     from clipcli.encoder import Encoder
@@ -206,7 +197,7 @@ def test_incomplete_part_refused_unless_allowed(tiny_model: str, tmp_path: Path)
     BatchRunner(done, collection, options=BatchOptions(shard=(1, 2))).run(factory)
     with pytest.raises(KeyboardInterrupt):
         options = BatchOptions(shard=(2, 2), shard_size=1, batch_size=1)
-        BatchRunner(cut, collection, options=options, events=_StopAfter(2)).run(factory)
+        BatchRunner(cut, collection, options=options, events=StopAfter(2)).run(factory)
     assert manifest(cut)["status"] == "interrupted"
     merged = tmp_path / "merged"
     result = cli("merge", str(done), str(cut), "-o", str(merged))
