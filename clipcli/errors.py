@@ -66,3 +66,39 @@ def cannot_load(model: str, exc: BaseException, what: str | None = None) -> Mode
     """The one message for a model part that transformers could not load."""
     subject = f"{what} of model {model!r}" if what else f"model {model!r}"
     return ModelError(f"cannot load {subject}: {first_line(exc)} ({LOAD_HINT})")
+
+
+class StorageError(ClipcliError):
+    """An output could not be written or read back: disk full, quota, read-only file system,
+    I/O error, permissions (exit 5). The previous good state is left as it was."""
+
+    exit_code = 5
+
+
+# errno -> the short reason users see; strerror() wording varies between libcs.
+_STORAGE_REASONS = {
+    "ENOSPC": "no space left on the device",
+    "EDQUOT": "disk quota exceeded",
+    "EROFS": "read-only file system",
+    "EIO": "input/output error",
+    "EACCES": "permission denied",
+    "EPERM": "operation not permitted",
+    "EFBIG": "file too large (file size limit)",
+    "ENAMETOOLONG": "file name too long",
+    "ENOTDIR": "a parent is not a directory",
+    "EISDIR": "is a directory",
+    "ENOENT": "no such file or directory",
+}
+
+
+def storage_reason(exc: OSError) -> str:
+    """A short reason for an OS-level write/read failure (no path, no traceback)."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return _STORAGE_REASONS.get(name) or (exc.strerror or first_line(exc)).lower()
+
+
+def storage_error(path: object, exc: OSError, doing: str = "write") -> StorageError:
+    """The one message for a failed write: ``cannot write PATH: no space left on the device``."""
+    return StorageError(f"cannot {doing} {path}: {storage_reason(exc)}")

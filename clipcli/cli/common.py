@@ -22,6 +22,7 @@ EXIT_INPUTS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_MODEL = 3
 EXIT_LOCKED = 4
+EXIT_STORAGE = 5  # an output could not be written (disk full, read-only, I/O error)
 EXIT_INTERRUPTED = 130
 
 MODEL_PANEL = "Model"
