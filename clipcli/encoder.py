@@ -170,6 +170,11 @@ class Encoder:
             return Tower(name, loading.compile_tower(module), eager=module)
         return Tower(name, module)
 
+    def _require(self, tower: str) -> None:
+        """ModelError before any other part loads when the checkpoint lacks ``tower``."""
+        if self.family.sub_config(self.config, tower) is None:
+            raise ModelError(f"model {self.model_id!r} is a {self.config.model_type} checkpoint and has no {tower} tower")
+
     @property
     def vision_model(self) -> Any:
         return self._tower("vision").module
@@ -182,6 +187,7 @@ class Encoder:
     def processor(self) -> Any:
         """The checkpoint's image processor with the preprocessing overrides applied."""
         if self._processor is None:
+            self._require("vision")
             with self._lock:
                 if self._processor is None:
                     self._processor = loading.load_processor(self.model_id, self.revision, self.family, self._spec)
@@ -190,6 +196,7 @@ class Encoder:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
+            self._require("text")
             with self._lock:
                 if self._tokenizer is None:
                     self._tokenizer = loading.load_tokenizer(self.model_id, self.revision, self.family)
