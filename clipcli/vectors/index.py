@@ -1,0 +1,226 @@
+"""An optional faiss index beside the vectors (``pip install 'clipcli[faiss]'``).
+
+Layout: ``OUTDIR/index.faiss`` + ``OUTDIR/index.faiss.json`` (for ``x.npy`` / ``x.npz``:
+``x.npy.faiss`` + ``.json``). The index is an inverted file (IVF, inner product on unit rows)
+with 8-bit scalar-quantised codes, so it is a quarter of a float32 copy; every item's faiss id
+is a 63-bit hash of its source and its vector bytes, not its row number. That is what makes the
+refresh incremental: ``batch`` keeps rows sorted by source, so new files land between old rows;
+``clipcli index`` hashes the current rows, removes the ids that are gone and adds the new ones,
+without re-training. Searches map ids back to rows and re-score the candidates exactly from the
+vectors, so an index changes which rows are found, never their scores.
+
+Staleness is checked cheaply at search time: the sidecar records the size and mtime of the
+vectors and sources files it was built from; when they differ, ``search`` says the index is
+stale and falls back to brute force.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipcli.errors import UsageError, storage_error
+from clipcli.vectors.scoring import CHUNK_ROWS, Hit, chunks, unit
+from clipcli.vectors.store import VectorSet
+
+INSTALL_HINT = "the faiss index needs faiss: pip install 'clipcli[faiss]' (or pip install faiss-cpu)"
+INDEX_VERSION = 1
+TRAIN_ROWS = 65536  # rows sampled to train the coarse quantiser
+
+
+def faiss_module() -> Any:
+    """``import faiss``, or UsageError (exit 2) with the install hint."""
+    try:
+        import faiss
+    except ImportError:
+        raise UsageError(INSTALL_HINT) from None
+    return faiss
+
+
+def index_paths(vectors: VectorSet) -> tuple[Path, Path]:
+    base = vectors.path / "index.faiss" if vectors.kind == "outdir" else vectors.path.with_name(vectors.path.name + ".faiss")
+    return base, base.with_name(base.name + ".json")
+
+
+def _files(vectors: VectorSet) -> dict[str, list[int]]:
+    """What the index was built from, as (size, mtime_ns) per file: the staleness check."""
+    paths = [vectors.embeddings_path]
+    if vectors.kind == "outdir":
+        paths.append(vectors.path / "sources.txt")
+    elif vectors.kind == "npy":
+        from clipcli.writers import sources_sidecar
+
+        paths.append(sources_sidecar(vectors.path))
+    out = {}
+    for p in paths:
+        st = p.stat()
+        out[p.name] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def row_ids(vectors: VectorSet) -> np.ndarray:
+    """A stable int64 id per row: 63 bits of sha256(source, vector bytes)."""
+    ids = np.empty(len(vectors), dtype=np.int64)
+    for first in range(0, len(vectors), CHUNK_ROWS):
+        block = np.ascontiguousarray(vectors.matrix[first : first + CHUNK_ROWS])
+        for i, row in enumerate(block):
+            h = hashlib.sha256(vectors.sources.raw(first + i).encode("utf-8", "surrogateescape"))
+            h.update(row.tobytes())
+            ids[first + i] = int.from_bytes(h.digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return ids
+
+
+@dataclass
+class Built:
+    """What ``clipcli index`` did."""
+
+    path: Path
+    rows: int
+    added: int
+    removed: int
+    rebuilt: bool
+
+
+def build(vectors: VectorSet, *, nlist: int | None = None, rebuild: bool = False) -> Built:
+    """Create the index, or bring an existing one up to date with the rows (incrementally)."""
+    faiss = faiss_module()
+    path, meta_path = index_paths(vectors)
+    meta = read_meta(vectors)
+    ids = row_ids(vectors)
+    if len(np.unique(ids)) != len(ids):
+        _, first = np.unique(ids, return_index=True)
+        keep = np.zeros(len(ids), dtype=bool)
+        keep[first] = True  # a repeated (source, vector) is the same item: index it once
+    else:
+        keep = np.ones(len(ids), dtype=bool)
+    index = None
+    if meta is not None and not rebuild and meta.get("dim") == vectors.dim:
+        index = faiss.read_index(str(path))
+        old = np.load(_ids_path(path), allow_pickle=False)[0]
+        gone = np.setdiff1d(old, ids)
+        if len(gone):
+            index.remove_ids(faiss.IDSelectorBatch(gone))
+        todo = np.flatnonzero(keep & ~np.isin(ids, old))
+        removed, rebuilt = len(gone), False
+    else:
+        index = _train(faiss, vectors, nlist)
+        todo = np.flatnonzero(keep)
+        removed, rebuilt = 0, True
+    for first in range(0, len(todo), CHUNK_ROWS):
+        rows = todo[first : first + CHUNK_ROWS]
+        block = unit(np.asarray(vectors.matrix[rows], dtype=np.float32))
+        index.add_with_ids(block, ids[rows])
+    rows = np.flatnonzero(keep)
+    order = np.argsort(ids[rows], kind="stable")
+    table = np.stack([ids[rows][order], rows[order]])  # sorted ids and their current rows
+    _save(faiss, index, path, meta_path, table, vectors)
+    return Built(path, int(keep.sum()), len(todo), removed, rebuilt)
+
+
+def _train(faiss: Any, vectors: VectorSet, nlist: int | None) -> Any:
+    n = len(vectors)
+    if n == 0:
+        raise UsageError(f"{vectors.path} holds no rows to index")
+    nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n)), n // 39))
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(n, size=min(n, max(TRAIN_ROWS, 40 * nlist)), replace=False))
+    train = unit(np.asarray(vectors.matrix[sample], dtype=np.float32))
+    quantizer = faiss.IndexFlatIP(vectors.dim)
+    index = faiss.IndexIVFScalarQuantizer(quantizer, vectors.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                          faiss.METRIC_INNER_PRODUCT)
+    index.train(train)
+    return index
+
+
+def _ids_path(path: Path) -> Path:
+    return path.with_name(path.name + ".ids.npy")
+
+
+def _save(faiss: Any, index: Any, path: Path, meta_path: Path, table: np.ndarray, vectors: VectorSet) -> None:
+    """Index, ids and sidecar, each atomically; the sidecar last, as the commit mark."""
+    from clipcli.writers import AtomicFile
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    files: list[AtomicFile] = []
+    try:
+        faiss.write_index(index, str(tmp))
+        ids_file = AtomicFile(_ids_path(path), "wb")
+        files.append(ids_file)
+        np.save(ids_file.handle, table, allow_pickle=False)
+        meta_file = AtomicFile(meta_path, "w")
+        files.append(meta_file)
+        record = {"format": "clipcli-faiss", "version": INDEX_VERSION, "dim": vectors.dim, "rows": int(index.ntotal),
+                  "nlist": int(index.nlist), "files": _files(vectors)}
+        meta_file.handle.write(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+        for file in files:
+            file.commit()
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        for file in files:
+            file.abort()
+        raise storage_error(path, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        for file in files:
+            file.abort()
+        raise
+
+
+def read_meta(vectors: VectorSet) -> dict[str, Any] | None:
+    """The index sidecar, or None when there is no (complete) index."""
+    path, meta_path = index_paths(vectors)
+    if not (path.is_file() and meta_path.is_file() and _ids_path(path).is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == "clipcli-faiss" else None
+
+
+def stale_reason(vectors: VectorSet, meta: dict[str, Any]) -> str | None:
+    """Why the index no longer describes the vectors, or None when it is current."""
+    if meta.get("dim") != vectors.dim:
+        return f"it has {meta.get('dim')} dimensions, the vectors {vectors.dim}"
+    if meta.get("files") != _files(vectors):
+        return "the vectors changed since it was built"
+    return None
+
+
+def search(vectors: VectorSet, query: np.ndarray, k: int, *, nprobe: int = 32, candidates: int | None = None,
+           threshold: float | None = None, exclude: int | None = None) -> list[Hit]:
+    """Top-k through the index: candidates from faiss, scores exact from the vectors."""
+    faiss = faiss_module()
+    path, _ = index_paths(vectors)
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    index.nprobe = max(1, min(nprobe, index.nlist))
+    want = candidates or max(4 * k, 100)
+    _, found = index.search(unit(query), want + (exclude is not None))
+    table = np.load(_ids_path(path), allow_pickle=False)
+    found = found[0][found[0] >= 0]
+    rows = _rows_of(found, table)
+    if exclude is not None:
+        rows = rows[rows != exclude]
+    if len(rows) == 0:
+        return []
+    ordered = np.unique(rows)
+    block = next(chunks(vectors.matrix[ordered], rows=len(ordered), normalized=vectors.normalized))[1]
+    scores = block @ unit(query)[0]
+    keep = scores >= threshold if threshold is not None else np.ones(len(scores), dtype=bool)
+    order = np.lexsort((ordered[keep], -scores[keep]))[:k]
+    return [Hit(int(ordered[keep][i]), float(scores[keep][i])) for i in order]
+
+
+def _rows_of(found: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Current rows of faiss ids, through the (sorted ids, rows) table saved with the index."""
+    pos = np.searchsorted(table[0], found)
+    pos = np.minimum(pos, table.shape[1] - 1)
+    hit = table[0][pos] == found
+    return table[1][pos[hit]]
