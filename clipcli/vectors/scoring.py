@@ -44,13 +44,17 @@ def combine(positive: list[np.ndarray], negative: list[np.ndarray]) -> np.ndarra
 
 def chunks(matrix: np.ndarray, rows: int = CHUNK_ROWS, start: int = 0, stop: int | None = None,
            normalized: bool = False) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, float32 unit rows) for consecutive chunks of ``matrix[start:stop]``."""
+    """(first row, float32 unit rows) for consecutive chunks of ``matrix[start:stop]``.
+
+    ``normalized`` skips the division by the norms; only float32 rows recorded as unit length
+    get it (float16 rounding moves norms by ~1e-4, enough to reorder close scores).
+    """
     stop = len(matrix) if stop is None else stop
     for first in range(start, stop, rows):
         block = np.asarray(matrix[first : min(first + rows, stop)], dtype=np.float32)
-        if not normalized:
+        if not (normalized and matrix.dtype == np.float32):
             norms = np.sqrt(np.einsum("ij,ij->i", block, block))
-            block /= np.maximum(norms, _TINY)[:, None]
+            block = block / np.maximum(norms, _TINY)[:, None]  # a new array: block may be a read-only view
         yield first, block
 
 
@@ -61,7 +65,7 @@ def top_k(matrix: np.ndarray, query: np.ndarray, k: int | None, *, threshold: fl
     Ties go to the lower row, so results are the same for any chunk size. ``threshold``
     drops rows scoring below it; ``exclude`` leaves one row out (``similar``'s own item).
     """
-    query = np.asarray(query, dtype=np.float32).reshape(-1)
+    query = unit(np.asarray(query, dtype=np.float32).reshape(-1))[0]
     best_rows = np.zeros(0, dtype=np.int64)
     best_scores = np.zeros(0, dtype=np.float32)
     for first, block in chunks(matrix, chunk_rows, normalized=normalized):

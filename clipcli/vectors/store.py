@@ -195,7 +195,11 @@ def _member(p: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray:
         start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
         raw.seek(start)
         version = np.lib.format.read_magic(raw)
-        shape, fortran, dtype = np.lib.format._read_array_header(raw, version)  # noqa: SLF001 - numpy's own parser
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:  # a newer .npy header version: read it the slow way
+            with archive.open(name) as handle:
+                return np.lib.format.read_array(handle, allow_pickle=False)
+        shape, fortran, dtype = readers[version](raw)
         offset = raw.tell()
     if dtype.hasobject:
         raise UsageError(f"vectors {p}: {name} holds Python objects, which clipcli never writes")
