@@ -70,6 +70,10 @@ def ranked(vectors: Any, query: Any, k: int | None, *, threshold: float | None, 
         raise UsageError(f"--index: {vectors.path} has no index; build one with `clipcli index {vectors.path}`")
     if meta is not None:
         stale = ann.stale_reason(vectors, meta)
+        if stale is None and not ann.faiss_available():
+            if use_index:
+                ann.faiss_module()  # the install hint
+            stale = "faiss is not installed: pip install 'clipcli[faiss]'"
         if stale is None and k is None:
             stale = "-k 0 asks for every row"
         if stale is None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,15 @@ from clipcli.vectors.store import VectorSet
 INSTALL_HINT = "the faiss index needs faiss: pip install 'clipcli[faiss]' (or pip install faiss-cpu)"
 INDEX_VERSION = 1
 TRAIN_ROWS = 65536  # rows sampled to train the coarse quantiser
+
+
+def faiss_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("faiss") is not None and faiss_module() is not None
+    except (UsageError, ValueError):
+        return False
 
 
 def faiss_module() -> Any:
@@ -143,33 +151,54 @@ def _ids_path(path: Path) -> Path:
 
 
 def _save(faiss: Any, index: Any, path: Path, meta_path: Path, table: np.ndarray, vectors: VectorSet) -> None:
-    """Index, ids and sidecar, each atomically; the sidecar last, as the commit mark."""
+    """Index, id table and sidecar, each atomically. The sidecar is the commit mark: it is
+    removed first and written last, so a failure part-way leaves no index (search goes brute
+    force, the next ``clipcli index`` rebuilds), never an index that disagrees with its table."""
     from clipcli.writers import AtomicFile
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     files: list[AtomicFile] = []
+    errors: list[OSError] = []
+    target = path
     try:
-        faiss.write_index(index, str(tmp))
-        ids_file = AtomicFile(_ids_path(path), "wb")
+        meta_path.unlink(missing_ok=True)
+        target = path
+        index_file = AtomicFile(path, "wb")
+        files.append(index_file)
+
+        def write(data: bytes) -> None:
+            try:
+                index_file.handle.write(data)
+            except OSError as exc:  # faiss turns it into a RuntimeError; keep the errno
+                errors.append(exc)
+                raise
+
+        try:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+        except RuntimeError:
+            if errors:
+                raise errors[0] from None
+            raise
+        index_file.commit()
+        target = _ids_path(path)
+        ids_file = AtomicFile(target, "wb")
         files.append(ids_file)
         np.save(ids_file.handle, table, allow_pickle=False)
+        ids_file.commit()
+        target = meta_path
         meta_file = AtomicFile(meta_path, "w")
         files.append(meta_file)
         record = {"format": "clipcli-faiss", "version": INDEX_VERSION, "dim": vectors.dim, "rows": int(index.ntotal),
                   "nlist": int(index.nlist), "files": _files(vectors)}
         meta_file.handle.write(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
+        meta_file.commit()
+    except BaseException as exc:
         for file in files:
-            file.commit()
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        for file in files:
-            file.abort()
-        raise storage_error(path, exc) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        for file in files:
-            file.abort()
+            try:
+                file.abort()  # no-op for the committed ones (their temp files are gone)
+            except OSError:  # closing flushes, and the disk is still full
+                Path(file.tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise storage_error(target, exc) from None
         raise
 
 
