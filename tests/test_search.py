@@ -232,3 +232,25 @@ def test_server_queries_equal_in_process(tiny_model: str, images: list[Path], tm
         np.testing.assert_allclose(r_scores, l_scores, atol=1e-6)
     finally:
         run_subprocess("serve", "stop", env=env)
+
+
+@pytest.mark.parametrize("k, threshold", [(10, None), (1, None), (None, 0.3), (50, 0.2)])
+def test_float16_fast_path_equals_the_exact_path(k, threshold) -> None:
+    """Unit float16 rows take a float16 GEMV for candidates; the result must be the exact one."""
+    from clipcli.vectors.scoring import top_k
+
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((20, 64))
+    matrix = unit(centres[rng.integers(0, 20, 30000)] + 0.5 * rng.standard_normal((30000, 64))).astype(np.float16)
+    for seed in range(3):
+        query = matrix[seed * 1000].astype(np.float32) + 0.01 * rng.standard_normal(64).astype(np.float32)
+        fast = top_k(matrix, query, k, threshold=threshold, normalized=True, half_min_rows=0, chunk_rows=4096)
+        exact = top_k(matrix, query, k, threshold=threshold, normalized=False)
+        assert [h.row for h in fast] == [h.row for h in exact]
+        np.testing.assert_allclose([h.score for h in fast], [h.score for h in exact], atol=1e-6)
+        rows, scores = reference_ranking(matrix, query, k)
+        if threshold is not None:
+            rows, scores = rows[scores >= threshold], scores[scores >= threshold]
+        # float64 may order rows whose float32 scores tie within 1e-7 the other way round
+        np.testing.assert_allclose([h.score for h in fast], scores, atol=1e-6)
+        assert len(fast) == len(rows) and len({h.row for h in fast} ^ set(rows.tolist())) <= 2

@@ -8,13 +8,16 @@ unless the output says they are unit length, so unnormalised vectors score as co
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-CHUNK_ROWS = 32768  # 64 MiB of float32 at D=512; small enough to stay cache- and RSS-friendly
+CHUNK_ROWS = 16384  # 32 MiB of float32 at D=512: bounded RSS, large enough for BLAS to run at speed
 _TINY = 1e-12
+HALF_EPS = 2e-3  # bound on |half-precision score - exact cosine| for unit float16 rows (see _half_top_k)
+HALF_MIN_ROWS = 65536  # below this the exact path is fast enough and needs no torch import
 
 
 @dataclass(frozen=True)
@@ -51,24 +54,47 @@ def chunks(matrix: np.ndarray, rows: int = CHUNK_ROWS, start: int = 0, stop: int
     """
     stop = len(matrix) if stop is None else stop
     for first in range(start, stop, rows):
-        block = np.asarray(matrix[first : min(first + rows, stop)], dtype=np.float32)
+        block = np.asarray(read_rows(matrix, first, min(first + rows, stop)), dtype=np.float32)
         if not (normalized and matrix.dtype == np.float32):
             norms = np.sqrt(np.einsum("ij,ij->i", block, block))
             block = block / np.maximum(norms, _TINY)[:, None]  # a new array: block may be a read-only view
         yield first, block
 
 
+def read_rows(matrix: np.ndarray, first: int, stop: int) -> np.ndarray:
+    """``matrix[first:stop]``; from a file-backed memory map, read into a fresh buffer instead.
+
+    Pages touched through a memory map count in the process's RSS until unmapped, so scoring a
+    1 GB output through the map would grow RSS by 1 GB; a plain read of one chunk at a time
+    keeps it at one chunk (the page cache still serves repeated queries).
+    """
+    if isinstance(matrix, np.memmap) and isinstance(matrix.base, mmap.mmap) and matrix.flags.c_contiguous \
+            and matrix.filename and matrix.ndim == 2:
+        row_bytes = matrix.shape[1] * matrix.dtype.itemsize
+        with open(matrix.filename, "rb") as handle:
+            handle.seek(int(matrix.offset) + first * row_bytes)
+            out = np.fromfile(handle, dtype=matrix.dtype, count=(stop - first) * matrix.shape[1])
+        return out.reshape(stop - first, matrix.shape[1])
+    return matrix[first:stop]
+
+
 def top_k(matrix: np.ndarray, query: np.ndarray, k: int | None, *, threshold: float | None = None,
-          normalized: bool = False, exclude: int | None = None, chunk_rows: int = CHUNK_ROWS) -> list[Hit]:
+          normalized: bool = False, exclude: int | None = None, chunk_rows: int = CHUNK_ROWS,
+          half_min_rows: int = HALF_MIN_ROWS) -> list[Hit]:
     """The ``k`` rows most similar to the unit ``query`` (all when k is None), best first.
 
     Ties go to the lower row, so results are the same for any chunk size. ``threshold``
     drops rows scoring below it; ``exclude`` leaves one row out (``similar``'s own item).
     """
     query = unit(np.asarray(query, dtype=np.float32).reshape(-1))[0]
+    if matrix.dtype == np.float16 and normalized and len(matrix) >= half_min_rows:
+        fast = _half_top_k(matrix, query, k, threshold, exclude, max(chunk_rows, 65536))
+        if fast is not None:
+            return fast
     best_rows = np.zeros(0, dtype=np.int64)
     best_scores = np.zeros(0, dtype=np.float32)
-    for first, block in chunks(matrix, chunk_rows, normalized=normalized):
+    for first, block in chunks(matrix, 512 if matrix.dtype == np.float16 else chunk_rows, normalized=normalized):
+        # float16: small chunks, so the converted rows are still in cache for the products
         scores = block @ query
         rows = np.arange(first, first + len(block), dtype=np.int64)
         keep = np.ones(len(scores), dtype=bool)
@@ -85,6 +111,59 @@ def top_k(matrix: np.ndarray, query: np.ndarray, k: int | None, *, threshold: fl
         if k is not None and len(best_scores) > 4 * k + 1024:
             best_rows, best_scores = _best(best_rows, best_scores, k)
     best_rows, best_scores = _best(best_rows, best_scores, k)
+    return [Hit(int(r), float(s)) for r, s in zip(best_rows, best_scores)]
+
+
+def _half_top_k(matrix: np.ndarray, query: np.ndarray, k: int | None, threshold: float | None,
+                exclude: int | None, chunk_rows: int) -> list[Hit] | None:
+    """Exact top-k of unit float16 rows, fast: a float16 GEMV (torch, float32 accumulation)
+    picks candidates, which are then scored exactly in float32.
+
+    numpy converts float16 to float32 at a few hundred million values a second, the bulk of a
+    brute-force query; torch's float16 GEMV needs no conversion. Its scores differ from the
+    exact cosines by at most HALF_EPS (output rounding 2^-11, the query's rounding 2^-11, the
+    rows' norms within ~2^-11 of 1), so every row within 2·HALF_EPS of the k-th approximate
+    score is a candidate and no row of the exact top-k can be missed. The bound is checked on
+    the candidates; where it does not hold (another torch build), None: use the exact path.
+    """
+    import torch
+
+    qh = torch.from_numpy(query.astype(np.float16))
+    cand_rows: list[np.ndarray] = []
+    cand_approx: list[np.ndarray] = []
+    floor = -np.inf  # the k-th best approximate score so far: never decreases
+    kept = 0
+    for first in range(0, len(matrix), chunk_rows):
+        stop = min(first + chunk_rows, len(matrix))
+        approx = (torch.from_numpy(read_rows(matrix, first, stop)) @ qh).float().numpy()
+        cut = -np.inf if threshold is None else threshold - HALF_EPS
+        if k is not None:
+            if len(approx) >= k:
+                floor = max(floor, float(np.partition(approx, len(approx) - k)[len(approx) - k]))
+            cut = max(cut, floor - 2 * HALF_EPS)
+        rows = np.flatnonzero(approx >= cut)
+        cand_rows.append(rows + first)
+        cand_approx.append(approx[rows])
+        kept += len(rows)
+        if k is not None and kept > 8 * k + 4096:  # prune with the risen floor
+            allr, alla = np.concatenate(cand_rows), np.concatenate(cand_approx)
+            keep = alla >= floor - 2 * HALF_EPS
+            cand_rows, cand_approx, kept = [allr[keep]], [alla[keep]], int(keep.sum())
+    rows, approx = np.concatenate(cand_rows), np.concatenate(cand_approx)
+    if k is not None:
+        keep = approx >= floor - 2 * HALF_EPS
+        rows, approx = rows[keep], approx[keep]
+    if exclude is not None:
+        keep = rows != exclude
+        rows, approx = rows[keep], approx[keep]
+    block = np.asarray(matrix[rows], dtype=np.float32)
+    exact = (block @ query) / np.maximum(np.sqrt(np.einsum("ij,ij->i", block, block)), _TINY)
+    if len(exact) and float(np.abs(exact - approx).max()) > HALF_EPS / 2:
+        return None
+    if threshold is not None:
+        keep = exact >= threshold
+        rows, exact = rows[keep], exact[keep]
+    best_rows, best_scores = _best(rows, exact.astype(np.float32), k)
     return [Hit(int(r), float(s)) for r, s in zip(best_rows, best_scores)]
 
 
