@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
     def index(
         vectors: Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt) or .npz output.", show_default=False)],
         rebuild: Annotated[bool, typer.Option("--rebuild", help="Train a new index instead of updating the existing one.")] = False,
-        nlist: Annotated[int | None, typer.Option(help="Inverted lists (default: about 4·√N, at most 4096).")] = None,
+        nlist: Annotated[int | None, typer.Option(help="Inverted lists (default: about √N, at most 4096).")] = None,
         verbose: VerboseOpt = False,
         quiet: QuietOpt = False,
     ) -> None:

@@ -135,7 +135,7 @@ def _train(faiss: Any, vectors: VectorSet, nlist: int | None) -> Any:
     n = len(vectors)
     if n == 0:
         raise UsageError(f"{vectors.path} holds no rows to index")
-    nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n)), n // 39))
+    nlist = nlist or max(1, min(4096, int(np.sqrt(n)), n // 39))  # ~√N lists: 1,000 for a million rows
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(n, size=min(n, max(TRAIN_ROWS, 40 * nlist)), replace=False))
     train = unit(np.asarray(vectors.matrix[sample], dtype=np.float32))

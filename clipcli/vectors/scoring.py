@@ -157,7 +157,9 @@ def _half_top_k(matrix: np.ndarray, query: np.ndarray, k: int | None, threshold:
         keep = rows != exclude
         rows, approx = rows[keep], approx[keep]
     block = np.asarray(matrix[rows], dtype=np.float32)
-    exact = (block @ query) / np.maximum(np.sqrt(np.einsum("ij,ij->i", block, block)), _TINY)
+    # The same operations as the exact path (unit rows, then the product): the same floats.
+    block = block / np.maximum(np.sqrt(np.einsum("ij,ij->i", block, block)), _TINY)[:, None]
+    exact = block @ query
     if len(exact) and float(np.abs(exact - approx).max()) > HALF_EPS / 2:
         return None
     if threshold is not None:
