@@ -9,6 +9,7 @@ unless the output says they are unit length, so unnormalised vectors score as co
 from __future__ import annotations
 
 import mmap
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -54,28 +55,33 @@ def chunks(matrix: np.ndarray, rows: int = CHUNK_ROWS, start: int = 0, stop: int
     """
     stop = len(matrix) if stop is None else stop
     for first in range(start, stop, rows):
-        block = np.asarray(read_rows(matrix, first, min(first + rows, stop)), dtype=np.float32)
+        block = np.asarray(matrix[first : min(first + rows, stop)], dtype=np.float32)
         if not (normalized and matrix.dtype == np.float32):
             norms = np.sqrt(np.einsum("ij,ij->i", block, block))
             block = block / np.maximum(norms, _TINY)[:, None]  # a new array: block may be a read-only view
         yield first, block
+        release(matrix, first, min(first + rows, stop))
 
 
-def read_rows(matrix: np.ndarray, first: int, stop: int) -> np.ndarray:
-    """``matrix[first:stop]``; from a file-backed memory map, read into a fresh buffer instead.
+def release(matrix: np.ndarray, first: int, stop: int) -> None:
+    """Drop the pages of ``matrix[first:stop]`` from this process (a file-backed memory map).
 
-    Pages touched through a memory map count in the process's RSS until unmapped, so scoring a
-    1 GB output through the map would grow RSS by 1 GB; a plain read of one chunk at a time
-    keeps it at one chunk (the page cache still serves repeated queries).
+    Pages touched through a map count in the process's RSS until unmapped, so a scan of a 1 GB
+    output would grow RSS by 1 GB; MADV_DONTNEED after each chunk keeps it at about one chunk
+    (the pages stay in the page cache, so the next query still reads from memory).
     """
-    if isinstance(matrix, np.memmap) and isinstance(matrix.base, mmap.mmap) and matrix.flags.c_contiguous \
-            and matrix.filename and matrix.ndim == 2:
-        row_bytes = matrix.shape[1] * matrix.dtype.itemsize
-        with open(matrix.filename, "rb") as handle:
-            handle.seek(int(matrix.offset) + first * row_bytes)
-            out = np.fromfile(handle, dtype=matrix.dtype, count=(stop - first) * matrix.shape[1])
-        return out.reshape(stop - first, matrix.shape[1])
-    return matrix[first:stop]
+    base = matrix.base if isinstance(matrix, np.memmap) else None
+    if not isinstance(base, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or stop <= first:
+        return
+    origin = np.frombuffer(base, dtype=np.uint8).ctypes.data
+    row_bytes = matrix.strides[0]
+    begin = matrix.ctypes.data - origin + first * row_bytes
+    end = begin + (stop - first) * row_bytes
+    begin -= begin % mmap.PAGESIZE
+    try:
+        base.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+    except (OSError, ValueError):
+        pass  # only memory accounting is at stake
 
 
 def top_k(matrix: np.ndarray, query: np.ndarray, k: int | None, *, threshold: float | None = None,
@@ -135,7 +141,12 @@ def _half_top_k(matrix: np.ndarray, query: np.ndarray, k: int | None, threshold:
     kept = 0
     for first in range(0, len(matrix), chunk_rows):
         stop = min(first + chunk_rows, len(matrix))
-        approx = (torch.from_numpy(read_rows(matrix, first, stop)) @ qh).float().numpy()
+        with warnings.catch_warnings():  # a read-only map: torch warns, but nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            rows_half = torch.from_numpy(np.asarray(matrix[first:stop]))
+        approx = (rows_half @ qh).float().numpy()
+        del rows_half
+        release(matrix, first, stop)
         cut = -np.inf if threshold is None else threshold - HALF_EPS
         if k is not None:
             if len(approx) >= k:
