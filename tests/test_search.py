@@ -254,3 +254,20 @@ def test_float16_fast_path_equals_the_exact_path(k, threshold) -> None:
         # float64 may order rows whose float32 scores tie within 1e-7 the other way round
         np.testing.assert_allclose([h.score for h in fast], scores, atol=1e-6)
         assert len(fast) == len(rows) and len({h.row for h in fast} ^ set(rows.tolist())) <= 2
+
+
+def test_help_of_the_vector_commands_is_instant_and_has_an_example() -> None:
+    code = (
+        "import sys\n"
+        "from clipcli.cli import app\n"
+        "for cmd in ('search', 'similar', 'dedup', 'index', 'classify'):\n"
+        "    try:\n"
+        "        app([cmd, '--help'], prog_name='clipcli')\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (cmd, e.code)\n"
+        "heavy = [m for m in ('torch', 'transformers', 'PIL', 'faiss', 'numpy') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Example:") == 5

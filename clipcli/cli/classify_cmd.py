@@ -97,6 +97,8 @@ def register(app: typer.Typer) -> None:
         with handle_errors(reporter):
             if out_format not in ("tsv", "jsonl"):
                 raise UsageError(f"unknown --format {out_format!r} (expected tsv or jsonl)")
+            if top < 0:
+                raise UsageError(f"-k {top}: expected a count (0 for all labels)")
             names = parse_labels(labels, labels_file)
             templates = template or [DEFAULT_TEMPLATE]
             settings = settings_from(ctx, feature="projected", normalize=True)

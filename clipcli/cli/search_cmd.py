@@ -53,9 +53,11 @@ def write_hits(vectors: Any, hits: list[Any], fmt: str) -> None:
     out.flush()
 
 
-def check_format(fmt: str) -> str:
+def check_format(fmt: str, top: int = 0) -> str:
     if fmt not in ("tsv", "jsonl"):
         raise UsageError(f"unknown --format {fmt!r} (expected tsv or jsonl)")
+    if top < 0:
+        raise UsageError(f"-k {top}: expected a count (0 for all)")
     return fmt
 
 
@@ -123,7 +125,7 @@ def register(app: typer.Typer) -> None:
 
         reporter = Reporter(quiet=quiet, verbose=verbose)
         with handle_errors(reporter):
-            fmt = check_format(out_format)
+            fmt = check_format(out_format, top)
             terms = [Query("text", q) for q in queries or []] + [Query("image", q) for q in image or []]
             terms += [Query("vector", q) for q in vector or []]
             terms += [Query("text", q, True) for q in negative or []] + [Query("image", q, True) for q in negative_image or []]
@@ -151,7 +153,7 @@ def register(app: typer.Typer) -> None:
         """
         reporter = Reporter(quiet=quiet, verbose=verbose)
         with handle_errors(reporter):
-            fmt = check_format(out_format)
+            fmt = check_format(out_format, top)
             from clipcli.vectors.store import open_vectors
 
             vs = open_vectors(vectors)
