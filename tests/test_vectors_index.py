@@ -51,7 +51,7 @@ def test_index_search_equals_brute_force_and_refreshes_incrementally(tiny_model:
     query = ["--image", str(photos / "coffee.jpg"), "-k", "3"]
     brute = _search(out, *query, "--no-index")
     indexed = _search(out, *query)
-    assert "using the faiss index" in indexed[2] and "using the faiss index" not in brute[2]
+    assert "used the faiss index" in indexed[2] and "used the faiss index" not in brute[2]
     assert indexed[0] == brute[0]
     np.testing.assert_array_equal(indexed[1], brute[1])  # exact scores, not the quantised ones
 
@@ -68,7 +68,7 @@ def test_index_search_equals_brute_force_and_refreshes_incrementally(tiny_model:
     updated = run("index", str(out))
     assert updated.stderr == f"index: updated (+2 -0) {out / 'index.faiss'}: 5 rows\n"
     fresh, brute5 = _search(out, *query), _search(out, *query, "--no-index")
-    assert "using the faiss index" in fresh[2] and fresh[0] == brute5[0]
+    assert "used the faiss index" in fresh[2] and fresh[0] == brute5[0]
 
     (photos / "rocket.jpg").unlink()
     assert run(*batch).exit_code == 0
@@ -93,7 +93,7 @@ def test_similar_through_the_index_and_recall_on_clustered_vectors(tmp_path: Pat
     for source in ("item-000003.jpg", "item-001000.jpg", "item-019999.jpg"):
         ann = run("similar", str(npz), source, "-k", "10")
         exact = run("similar", str(npz), source, "-k", "10", "--no-index")
-        assert "using the faiss index" in ann.stderr
+        assert "used the faiss index" in ann.stderr
         assert source not in ann.stdout
         got, want = parse_tsv(ann.stdout), parse_tsv(exact.stdout)
         recalls.append(len(set(got[0]) & set(want[0])) / 10)
@@ -167,12 +167,29 @@ def test_a_full_disk_while_writing_the_index_is_a_storage_error(tmp_path: Path) 
         assert sorted(p.name for p in disk.iterdir()) == ["v.npz"]  # no temp file, no half index
         # search still works, brute force; a rerun with room converges to the full index.
         searched = run("similar", str(npz), "item-000002.jpg", "-k", "5")
-        assert searched.exit_code == 0 and "using the faiss index" not in searched.stderr
+        assert searched.exit_code == 0 and "used the faiss index" not in searched.stderr
         if os.geteuid() == 0:
             subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
             assert run("index", str(npz)).exit_code == 0
         else:
             assert _index_with_limit(npz, 1 << 30).returncode == 0
         again = run("similar", str(npz), "item-000002.jpg", "-k", "5", "--nprobe", "100000")
-        assert "using the faiss index" in again.stderr
+        assert "used the faiss index" in again.stderr
         assert again.stdout == searched.stdout
+
+
+def test_a_damaged_index_is_named_skipped_and_rebuilt(tmp_path: Path) -> None:
+    npz = tmp_path / "v.npz"
+    synthetic_npz(npz, 3000)
+    assert run("index", str(npz)).exit_code == 0
+    want = run("similar", str(npz), "item-000004.jpg", "--no-index").stdout
+    (tmp_path / "v.npz.faiss").write_bytes(b"garbage")
+    skipped = run("similar", str(npz), "item-000004.jpg")
+    assert skipped.exit_code == 0 and skipped.stdout == want
+    assert f"not using the index: cannot read the index {tmp_path / 'v.npz.faiss'}" in skipped.stderr
+    forced = run("similar", str(npz), "item-000004.jpg", "--index")
+    assert forced.exit_code == 2 and "clipcli index --rebuild" in forced.stderr and "Traceback" not in forced.stderr
+    rebuilt = run("index", str(npz))
+    assert rebuilt.exit_code == 0 and rebuilt.stderr.startswith("index: built ")
+    again = run("similar", str(npz), "item-000004.jpg", "--nprobe", "100000")
+    assert "used the faiss index" in again.stderr and again.stdout == want

@@ -79,8 +79,16 @@ def ranked(vectors: Any, query: Any, k: int | None, *, threshold: float | None, 
         if stale is None and k is None:
             stale = "-k 0 asks for every row"
         if stale is None:
-            note(reporter, f"search: using the faiss index {ann.index_paths(vectors)[0]} (nprobe {nprobe}; scores exact)")
-            return ann.search(vectors, query, k, nprobe=nprobe, threshold=threshold, exclude=exclude)
+            try:
+                hits = ann.search(vectors, query, k, nprobe=nprobe, threshold=threshold, exclude=exclude)
+            except ann.IndexUnreadable as exc:
+                if use_index:
+                    raise
+                note(reporter, f"search: not using the index: {exc}; exact search over {len(vectors)} rows")
+            else:
+                note(reporter, f"search: used the faiss index {ann.index_paths(vectors)[0]} (nprobe {nprobe}; scores exact)")
+                return hits
+            return top_k(vectors.matrix, query, k, threshold=threshold, normalized=vectors.normalized, exclude=exclude)
         if use_index:
             raise UsageError(f"--index: the index of {vectors.path} is stale ({stale}); run `clipcli index {vectors.path}`")
         note(reporter, f"search: not using the index ({stale}); exact search over {len(vectors)} rows"

@@ -33,6 +33,10 @@ INDEX_VERSION = 1
 TRAIN_ROWS = 65536  # rows sampled to train the coarse quantiser
 
 
+class IndexUnreadable(UsageError):
+    """The index files exist but cannot be read (exit 2 with --index; else brute force)."""
+
+
 def faiss_available() -> bool:
     import importlib.util
 
@@ -107,10 +111,15 @@ def build(vectors: VectorSet, *, nlist: int | None = None, rebuild: bool = False
         keep[first] = True  # a repeated (source, vector) is the same item: index it once
     else:
         keep = np.ones(len(ids), dtype=bool)
-    index = None
+    index: Any = None
+    old = np.zeros(0, dtype=np.int64)
     if meta is not None and not rebuild and meta.get("dim") == vectors.dim:
-        index = faiss.read_index(str(path))
-        old = np.load(_ids_path(path), allow_pickle=False)[0]
+        try:
+            index = faiss.read_index(str(path))
+            old = np.load(_ids_path(path), allow_pickle=False)[0]
+        except (RuntimeError, OSError, ValueError):
+            index = None  # damaged: train a new one
+    if index is not None:
         gone = np.setdiff1d(old, ids)
         if len(gone):
             index.remove_ids(faiss.IDSelectorBatch(gone))
@@ -228,11 +237,15 @@ def search(vectors: VectorSet, query: np.ndarray, k: int, *, nprobe: int = 32, c
     """Top-k through the index: candidates from faiss, scores exact from the vectors."""
     faiss = faiss_module()
     path, _ = index_paths(vectors)
-    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        table = np.load(_ids_path(path), allow_pickle=False)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise IndexUnreadable(f"cannot read the index {path} ({str(exc).strip().splitlines()[-1][:120]}); "
+                              f"rebuild it: clipcli index --rebuild {vectors.path}") from None
     index.nprobe = max(1, min(nprobe, index.nlist))
     want = candidates or max(4 * k, 100)
     _, found = index.search(unit(query), want + (exclude is not None))
-    table = np.load(_ids_path(path), allow_pickle=False)
     found = found[0][found[0] >= 0]
     rows = _rows_of(found, table)
     if exclude is not None:
