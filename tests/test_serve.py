@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from http_server import TestServer, http_server_fixture  # noqa: E402,F401
+from serve_helpers import TOKEN, alive, base_env, clipcli, wait_for  # noqa: E402
 
 from clipcli.cli import app  # noqa: E402
 from clipcli.serve import protocol  # noqa: E402
@@ -41,45 +42,12 @@ from clipcli.writers import read_sources  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = str(ROOT / "sample_images" / "chelsea.jpg")
-TOKEN = "test-token-0123456789abcdef"
 PRE = ["--resample", "bicubic"]  # the shared server's preprocessing: image clients name it too
 runner = CliRunner()
 
 
-def base_env(runtime: Path, config: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPCLI_")}
-    env.update(HF_HUB_OFFLINE="1", CLIPCLI_RUNTIME_DIR=str(runtime), CLIPCLI_CONFIG=str(config))
-    return env
-
-
-def clipcli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipcli", *args], env=env, capture_output=True, text=True,
-                          timeout=120, **kwargs)
-
-
 def invoke(args: list[str], stdin: str | None = None):
     return runner.invoke(app, args, input=stdin, catch_exceptions=False)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @dataclass
