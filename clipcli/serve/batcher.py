@@ -134,7 +134,7 @@ class Batcher:
             for unit, a, b in batch:
                 unit.parts.append(out[start : start + b - a])
                 start += b - a
-                if a + (b - a) == unit.rows and not unit.future.done():
+                if b == unit.rows and not unit.future.done():  # its last piece
                     unit.future.set_result(unit.parts[0] if len(unit.parts) == 1 else np.concatenate(unit.parts))
 
     def _fail(self, units: list[_Unit], error: Exception) -> None:

@@ -152,7 +152,9 @@ def tokenize_slices(texts: list[str]) -> list[tuple[int, int]]:
     start = 0
     while start < len(texts):
         stop, chars = start, 0
-        while stop < len(texts) and stop - start < TOKENIZE_SLICE_TEXTS and (stop == start or chars + len(texts[stop]) <= TOKENIZE_SLICE_CHARS):
+        while stop < len(texts) and stop - start < TOKENIZE_SLICE_TEXTS:
+            if stop > start and chars + len(texts[stop]) > TOKENIZE_SLICE_CHARS:
+                break
             chars += len(texts[stop])
             stop += 1
         ranges.append((start, stop))

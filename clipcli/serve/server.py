@@ -189,7 +189,9 @@ class EmbedServer:
         """Accept clients until stopped (``stop`` request, :meth:`request_stop`, idle timeout)."""
         if not self._listeners:
             self.bind()
-        self.batcher = Batcher(self.encoder, max_rows=self.options.max_rows, max_units=self.options.max_connections + self.options.max_tcp)
+        # One waiting unit per connection at most: room for every slot of both pools.
+        units = self.options.max_connections + self.options.max_tcp
+        self.batcher = Batcher(self.encoder, max_rows=self.options.max_rows, max_units=units)
         with self._lock:
             self._last_activity = time.monotonic()  # the idle clock starts now, not before the model load
         selector = selectors.DefaultSelector()
@@ -303,6 +305,9 @@ class EmbedServer:
 
     def reply(self, conn: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
         try:
+            # A client that stops reading its replies is dropped after read_timeout (whatever
+            # timeout the last read left on the socket).
+            conn.settimeout(self.options.read_timeout)
             send_message(conn, header, payload, max_size=self.options.max_message)
         except OSError as exc:
             raise ClientGone(f"cannot send the reply: {exc}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import select
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -62,8 +63,6 @@ def receive(conn: socket.socket, *, wait: float | None, read_timeout: float, max
     """Wait up to ``wait`` seconds (None: for ever) for a message to start, then read it whole
     within ``read_timeout``. A slow producer between messages is fine; a stall inside one is not.
     """
-    import time
-
     conn.settimeout(wait)
     head = conn.recv(1, socket.MSG_PEEK)  # raises TimeoutError when nothing comes
     if not head:
@@ -274,7 +273,8 @@ class EmbedSession:
         def truncated(item: TextItem) -> None:
             self.cut.add(int(item.source))
 
-        for batch in embed_texts(items(), encoder, batch_size=batch_size, on_truncated=truncated):  # type: ignore[arg-type]
+        results = embed_texts(items(), encoder, batch_size=batch_size, on_truncated=truncated)  # type: ignore[arg-type]
+        for batch in results:
             for result in batch:
                 self._result(result)
         self._drain_refused()
