@@ -337,6 +337,29 @@ def test_long_texts_through_the_server_match_in_process(attacked, tiny_model, mo
     still_serving(attacked, tiny_model)
 
 
+def test_cut_text_keeps_a_prefix_only_when_truncation_makes_it_the_same():
+    from clipcli.serve.limits import TOKENIZE_SLICE_CHARS, TOKENIZE_SLICE_TEXTS, cut_text, tokenize_slices
+
+    asked: list[list[str]] = []
+
+    def tokenize(texts):  # one token per word; the "model" keeps 5
+        asked.append(list(texts))
+        ids = [text.split() for text in texts]
+        return [row[:5] for row in ids], [len(row) > 5 for row in ids]
+
+    assert cut_text("a b c", 10, tokenize) == "a b c" and asked == []  # short: as it is, not tokenized
+    text = "a " * 50  # 100 characters, 50 words
+    assert cut_text(text, 13, tokenize) == "a a a a a a a"  # 7 words > 5: truncation keeps the same 5
+    assert tokenize([text])[0] == tokenize(["a a a a a a a"])[0]
+    assert cut_text("aaaa bbbb cccc dddd " * 10, 13, tokenize) is None  # 2 words in the limit: not provably same
+    assert cut_text("x" * 100, 13, tokenize) is None  # no word break at all
+    assert cut_text(" " + "x" * 100, 13, tokenize) is None  # only a leading one
+    slices = tokenize_slices(["a"] * (TOKENIZE_SLICE_TEXTS + 1) + ["b" * TOKENIZE_SLICE_CHARS, "c"])
+    assert slices == [(0, TOKENIZE_SLICE_TEXTS), (TOKENIZE_SLICE_TEXTS, TOKENIZE_SLICE_TEXTS + 1),
+                      (TOKENIZE_SLICE_TEXTS + 1, TOKENIZE_SLICE_TEXTS + 2), (TOKENIZE_SLICE_TEXTS + 2,
+                                                                           TOKENIZE_SLICE_TEXTS + 3)]
+
+
 def test_batcher_splits_a_huge_batch_while_others_wait():
     from clipcli.serve.batcher import Batcher
 

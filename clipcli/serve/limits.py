@@ -130,8 +130,8 @@ def cut_text(text: str, limit: int, tokenize: Any) -> str | None:
     """A shorter text with the same tokens as ``text`` after truncation, or None if none is safe.
 
     Texts of at most ``limit`` characters are returned as they are. A longer one is cut at its
-    last word break within ``limit`` characters, and kept only if that prefix alone is already
-    cut to the model's length by ``tokenize`` (the Encoder's: ``(ids, cut)``): tokens never span
+    last word break within ``limit`` characters, and kept only if that prefix, even without its
+    last word, is already cut to the model's length by ``tokenize`` (the Encoder's: ``(ids, cut)``): tokens never span
     whitespace (CLIP's BPE, WordPiece, SentencePiece all split words there first), so the prefix's
     tokens are the first tokens of the whole text, and truncation keeps only those. Why: a text of
     megabytes costs seconds of tokenizing that truncation then throws away, with other clients
@@ -140,9 +140,12 @@ def cut_text(text: str, limit: int, tokenize: Any) -> str | None:
     if len(text) <= limit:
         return text
     prefix = word_break_prefix(text, limit)
-    if prefix is None:
+    # Checked without the prefix's last word: whatever the cut does to the tokens next to it
+    # then lies past the ones truncation keeps.
+    shorter = word_break_prefix(prefix, len(prefix) - 1) if prefix else None
+    if shorter is None:
         return None
-    _, cut = tokenize([prefix])
+    _, cut = tokenize([shorter])
     return prefix if cut and cut[0] else None
 
 

@@ -20,7 +20,10 @@ Conversation (client -> server; every request gets exactly one reply)::
 
     {"op": "hello", "protocol": 1, "token": T?}
         -> {"ok": true, "keys": {"image": K1, "text": K2}, "pid": ..., "status": {...},
-            "towers": {"vision": {"metadata": {...}} | {"error": "..."}, "text": ...}}
+            "towers": {"vision": {"metadata": {...}} | {"error": "..."}, "text": ...},
+            "limits": {"header": ..., "payload": 0, "inputs": ..., "text": ..., "batch_size": ...}}
+        (on TCP the token goes in the first message, whatever it is; the server reads nothing
+        more before checking it)
     {"op": "status"}  -> {"ok": true, "status": {...}}
     {"op": "stop"}    -> {"ok": true}            (the server then shuts down)
     {"op": "embed", "kind": "image"|"text", "key": KEY, "inputs": [...], "final": bool,
