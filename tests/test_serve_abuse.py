@@ -9,7 +9,6 @@ holds no traceback. Sizes and counts are asserted, never wall-clock durations: "
 from __future__ import annotations
 
 import json
-import os
 import select
 import signal
 import subprocess
@@ -393,49 +392,3 @@ def test_batcher_splits_a_huge_batch_while_others_wait():
         assert alone.result(10).shape == (10, 1) and encoder.calls[-1] == list(range(10))
     finally:
         batcher.stop()
-
-
-# ------------------------------------------------------------------------ --detach
-
-
-def test_detach_imports_the_same_clipcli_whatever_the_directory(tiny_model, tmp_path):
-    runtime = tmp_path / "run"
-    env = base_env(runtime, tmp_path / "config.toml")
-    env["CLIPCLI_SERVE_TOKEN"] = TOKEN
-    here = tmp_path / "project"
-    (here / "clipcli").mkdir(parents=True)
-    (here / "clipcli" / "__init__.py").write_text('raise ImportError("the wrong clipcli was imported")\n')
-    model = os.path.relpath(tiny_model, here)  # relative to the directory serve is run from
-    installed = [sys.executable, "-P", "-m", "clipcli"]  # as the console script: cwd not on sys.path
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*installed, *args], cwd=here, env=env, capture_output=True, text=True, timeout=300)
-
-    try:
-        started = run("serve", "--model", model, "--detach", "--idle-timeout", "300")
-        assert started.returncode == 0, started.stderr
-        assert "running in the background" in started.stderr and "Traceback" not in started.stderr
-        status = json.loads(run("serve", "status", "--json").stdout)
-        assert len(status) == 1 and status[0]["tcp"] is None
-        assert status[0]["model"] == tiny_model  # the child got the model by its absolute path
-        pid = status[0]["pid"]
-        assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")
-        # The same settings with a TCP listener asked for: a clear refusal, nothing started.
-        for detach in (["--detach"], []):
-            again = run("serve", "--model", model, *detach, "--listen", "127.0.0.1:0")
-            assert again.returncode == 4, again.stderr
-            assert again.stdout == "" and again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
-            assert again.stderr.startswith(f"error: a clipcli server for these settings is already running (pid {pid}) "
-                                           f"on the Unix socket {status[0]['socket']} only;")
-            assert "`clipcli serve stop`" in again.stderr and "--listen 127.0.0.1:0" in again.stderr
-        assert len(json.loads(run("serve", "status", "--json").stdout)) == 1
-        plain = run("serve", "--model", model, "--detach")  # what runs is what was asked for
-        assert plain.returncode == 0 and "already running" in plain.stderr
-        text = run("embed-text", "a cat", "--model", model, "--server")
-        assert text.returncode == 0 and len(text.stdout.splitlines()) == 1, text.stderr
-    finally:
-        stopped = run("serve", "stop")
-    assert stopped.returncode == 0 and "stopped the clipcli server" in stopped.stderr
-    assert not alive(pid)
-    logs = list(runtime.glob("*.log"))
-    assert logs and all("Traceback" not in log.read_text() for log in logs)

@@ -104,6 +104,9 @@ class RemoteEncoder:
     def max_text_length(self) -> int:
         return self._encoder.max_text_length
 
+    def decode_size(self) -> int | None:
+        return self._encoder.decode_size()
+
     def preprocess_image(self, image: Any) -> np.ndarray:
         return self._encoder.preprocess_image(image)
 
@@ -239,8 +242,10 @@ class EmbedSession:
         encoder = RemoteEncoder(self.server, self.conn)
 
         class _IndexedLoader:
-            def load(self, labelled: str) -> Any:
-                return loader.load(labelled.split("\0", 1)[1])
+            fast_decode = loader.fast_decode  # the pipeline asks the loader whether to draft-decode
+
+            def load(self, labelled: str, **kwargs: Any) -> Any:
+                return loader.load(labelled.split("\0", 1)[1], **kwargs)
 
         try:
             for results in embed_images(sources, encoder, _IndexedLoader(),  # type: ignore[arg-type]
