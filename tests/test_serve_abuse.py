@@ -279,7 +279,9 @@ def _embed_texts(target: Target, key: str, texts: list[str], batch_size: int) ->
 
 
 def test_a_small_request_completes_while_a_huge_text_request_runs(attacked, tiny_model):
-    huge_texts = [WORDS * (400 * 1024 // len(WORDS))] * 40  # 40 texts of 400 KiB: a 16 MiB request
+    # 64 texts of 240 KiB (a 15 MiB request): one forward pass of the server's -b 64, so the small
+    # request cannot share it; it must get its turn while the huge one is still being tokenized.
+    huge_texts = [WORDS * (240 * 1024 // len(WORDS))] * 64
     finished: list[str] = []
     results: dict[str, np.ndarray] = {}
     errors: list[BaseException] = []
@@ -302,16 +304,16 @@ def test_a_small_request_completes_while_a_huge_text_request_runs(attacked, tiny
     huge.join(600)
     assert not errors, errors
     assert finished == ["small", "huge"]
-    assert wait_for(lambda: attacked.status()["inputs"] == before + 41, 30)  # counted just after the reply
+    assert wait_for(lambda: attacked.status()["inputs"] == before + 65, 30)  # counted just after the reply
     # Same vectors as in process: the server tokenized a word-break prefix, which truncation
     # makes the same tokens.
     local = runner.invoke(app, ["embed-text", huge_texts[0][: 2 * MAX_TEXT_CHARS], "a small one",
                                 "--model", tiny_model, "--no-server"])
     expected = np.array([json.loads(line)["embedding"] for line in local.stdout.splitlines()], dtype=np.float32)
     # (Rows shared a forward pass of another shape: equal to 1e-5, see test_serve.)
-    np.testing.assert_allclose(results["huge"], np.repeat(expected[:1], 40, axis=0), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(results["huge"], np.repeat(expected[:1], 64, axis=0), atol=1e-5, rtol=0)
     np.testing.assert_allclose(results["small"], expected[1:], atol=1e-5, rtol=0)
-    assert np.array_equal(results["huge"], np.repeat(results["huge"][:1], 40, axis=0))
+    assert np.array_equal(results["huge"], np.repeat(results["huge"][:1], 64, axis=0))
     still_serving(attacked, tiny_model)
 
 
