@@ -407,7 +407,7 @@ def test_server_killed_mid_request(tiny_model, tmp_path):
     env = base_env(runtime, tmp_path / "config.toml")
     server = _start_foreground(tiny_model, env, "-b", "1")
     try:
-        assert wait_for(lambda: clipcli(["serve", "status"], env).returncode == 0, 90), server.stderr
+        assert wait_for(lambda: clipcli(["serve", "status"], env).returncode == 0, 300), server.stderr
         clients = {
             mode: subprocess.Popen([sys.executable, "-m", "clipcli", "embed-text", "-", "--model", tiny_model, "-b", "1",
                                     *([mode] if mode else [])], env=env, stdin=subprocess.PIPE,

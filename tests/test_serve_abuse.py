@@ -89,7 +89,7 @@ def attacked(tiny_model, tmp_path_factory):
             return False
 
     try:
-        assert wait_for(ready, 120), log.read_text()
+        assert wait_for(ready, 300), log.read_text()
         with Client.connect(Target(path=sock)) as client:
             tcp = client.status()["tcp"]
         yield Attacked(proc, env, log, sock, protocol.settings_key(settings, "text"), tcp)
