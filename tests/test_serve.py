@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -495,6 +496,7 @@ def test_status_and_stop(served, tiny_model, monkeypatch):
     assert shown.returncode == 0
     assert f"model {tiny_model}" in shown.stdout and "device cpu" in shown.stdout
     assert "requests" in shown.stdout and "queue 0" in shown.stdout and f"TCP {served.tcp}" in shown.stdout
+    assert re.search(r"connections: [1-9]\d* unix socket, \d+ TCP, \d+ TCP waiting for a token", shown.stdout)
     st = json.loads(clipcli(["serve", "status", "--json"], served.env).stdout)[0]
     assert st["requests"] > 0 and st["uptime"] > 0 and st["feature"] == "pooled" and st["queue"] == 0
     assert len(st["sockets"]) == 2 and shown.stdout.count("pid ") == 1  # one server, listed once

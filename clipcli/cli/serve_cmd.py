@@ -122,6 +122,7 @@ def _duration(seconds: float) -> str:
 def _describe(st: dict[str, Any]) -> str:
     pre = st.get("preprocess") or {}
     pre_text = ", ".join(f"{k} {v}" for k, v in pre.items() if v is not None)
+    slots = st.get("slots") or {}
     lines = [
         ", ".join(st.get("sockets") or [str(st.get("socket"))]),
         f"  pid {st.get('pid')}, up {_duration(st.get('uptime', 0))}, clipcli {st.get('clipcli_version')}"
@@ -131,7 +132,10 @@ def _describe(st: dict[str, Any]) -> str:
         + f", device {st.get('device')} ({st.get('device_asked')} asked), dtype {st.get('dtype')}",
         f"  feature {st.get('feature')}, normalize {'yes' if st.get('normalize') else 'no'}, preprocessing: {pre_text}",
         f"  requests {st.get('requests')} served ({st.get('inputs')} inputs), {st.get('active')} running, "
-        f"queue {st.get('queue')}, {st.get('forward_passes')} forward passes ({st.get('merged_passes')} merged)",
+        f"queue {st.get('queue')}, {st.get('forward_passes')} forward passes ({st.get('merged_passes')} merged, "
+        f"{st.get('split_passes', 0)} split)",
+        f"  connections: {slots.get('unix', 0)} unix socket, {slots.get('tcp', 0)} TCP, "
+        f"{slots.get('preauth', 0)} TCP waiting for a token",
     ]
     return "\n".join(lines)
 
