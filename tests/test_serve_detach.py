@@ -1,4 +1,4 @@
-"""``clipcli serve --detach`` from odd places, and a detached server's vectors with --fast-decode."""
+"""Dedicated servers: ``serve --detach`` from odd places, a --fast-decode server's vectors, SIGHUP mid-request."""
 
 from __future__ import annotations
 
@@ -85,3 +85,53 @@ def test_a_fast_decode_server_gives_the_fast_decode_vectors(tiny_model, tmp_path
     finally:
         stopped = clipcli(["serve", "stop"], env)
     assert stopped.returncode == 0, stopped.stderr
+
+
+def test_sighup_mid_conversation_lets_it_finish_then_exits_cleanly(tiny_model, tmp_path):
+    import signal
+
+    from clipcli.serve import protocol
+    from clipcli.serve.client import Client, Target
+    from clipcli.settings import Settings
+    from serve_helpers import wait_for
+
+    runtime = tmp_path / "run"
+    env = base_env(runtime, tmp_path / "config.toml")
+    log = tmp_path / "server.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "clipcli", "serve", "--model", tiny_model, "-b", "1"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    settings = Settings(model=tiny_model)
+    sock = protocol.socket_path(runtime, protocol.settings_key(settings, "text"))
+    texts = [f"text number {i}" for i in range(40)]
+    try:
+        assert wait_for(sock.exists, 300), log.read_text()
+        client = Client.connect(Target(path=sock), timeout=30)
+        with client:
+            client.hello()
+            key = protocol.settings_key(settings, "text")
+            first, _ = client.request({"op": "embed", "kind": "text", "key": key, "inputs": texts[:20],
+                                       "final": False, "batch_size": 1}, timeout=120)
+            proc.send_signal(signal.SIGHUP)
+            # The server stops listening at once (the socket goes) but finishes this conversation.
+            assert wait_for(lambda: not sock.exists(), 30)
+            assert proc.poll() is None
+            last, payload = client.request({"op": "more", "inputs": texts[20:], "final": True}, timeout=120)
+        assert first["count"] + last["count"] == 40 and last["done"] and not first["failed"] and not last["failed"]
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    assert "stopped (SIGHUP) after 1 requests" in text and "Traceback" not in text, text
+    assert not list(runtime.glob("*.sock"))
+    # Nothing left behind: the next one-liner runs in-process, the next server starts.
+    local = runner.invoke(app, ["embed-text", *texts[20:], "--model", tiny_model, "-b", "1"],
+                          env={"CLIPCLI_RUNTIME_DIR": str(runtime)})
+    assert local.exit_code == 0 and local.stderr == ""
+    expected = np.array([json.loads(line)["embedding"] for line in local.stdout.splitlines()], dtype=np.float32)
+    assert np.array_equal(protocol.vectors_from_bytes(payload, last["rows"], last["dim"])[-20:], expected)
+    again = clipcli(["serve", "--model", tiny_model, "--detach", "--idle-timeout", "60"], env)
+    assert again.returncode == 0, again.stderr
+    assert clipcli(["serve", "stop"], env).returncode == 0
