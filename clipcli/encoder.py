@@ -6,17 +6,10 @@ passes), :mod:`clipcli.exact_transform` (CLIP's fast exact preprocessing) and
 differences (``get_*_features`` returning ``BaseModelOutputWithPooling``, the PIL fallback of
 image processors without torchvision, load reports of one tower from a full checkpoint).
 
-Features (what they mean per family: :attr:`clipcli.model.family.Family.feature_notes`):
-- ``pooled``: the tower's ``pooler_output``;
-- ``projected``: the joint image-text space, equal to the family model's
-  ``get_image_features`` / ``get_text_features``; only the needed tower is read.
-
-Speed (none of it changes a vector on the default path):
-- CLIP image preprocessing runs an exact re-implementation of the checkpoint's processor
-  (both transformers backends), verified against the processor on probe images first.
-- On CUDA the loader threads hand over uint8 crops and the normalisation table is applied on
-  the GPU (:meth:`Encoder.prepare_image`, :meth:`Encoder.encode_prepared`).
-- ``quantize="int8"`` (opt-in, CPU) and ``compile=True`` (opt-in, falls back to eager).
+Features: ``pooled`` (the tower's ``pooler_output``) and ``projected`` (the joint space of the
+family model's ``get_*_features``); per family in ``Family.feature_notes``. Speed paths (exact
+CLIP preprocessing, uint8 crops normalised on CUDA, opt-in int8 and compile) change no vector
+on the default path.
 """
 
 from __future__ import annotations
@@ -45,20 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Encoder", "load_config", "quiet_transformers", "resolve_device", "resolve_dtype"]
 
-QUANTIZE_MODES = ("int8",)
-
-
-def _quantize_mode(quantize: str | None) -> str | None:
-    if quantize is None:
-        return None
-    quantize = str(quantize).strip().lower()
-    if quantize in ("", "none", "no", "off"):
-        return None
-    if quantize not in QUANTIZE_MODES:
-        raise UsageError(f"unknown quantization {quantize!r} (expected int8 or none)")
-    return quantize
-
-
 class Encoder:
     """Turns images and texts into vectors (float32 numpy arrays, one row per input).
 
@@ -86,24 +65,13 @@ class Encoder:
     ) -> None:
         if feature not in FEATURES:
             raise UsageError(f"unknown feature {feature!r} (expected pooled or projected)")
-        quantize = _quantize_mode(quantize)
         self.model_id = model
         self.revision = revision
         self.feature = feature
         self.normalize = normalize
         self.device = resolve_device(device)
         self.torch_dtype = resolve_dtype(dtype, self.device)
-        if quantize == "int8":
-            import torch
-
-            if self.device != "cpu":
-                raise ModelError(
-                    f"int8 quantization runs on the CPU only, not on {self.device!r} "
-                    "(on a GPU use --dtype float16 or bfloat16 instead)"
-                )
-            if self.torch_dtype != torch.float32:
-                raise ModelError("int8 quantization needs --dtype float32 (or auto) on the CPU")
-        self.quantize = quantize
+        self.quantize = loading.quantize_mode(quantize, self.device, self.torch_dtype)
         self.compile = bool(compile)
         # Set by callers whose loader decodes JPEGs in draft mode; recorded in the metadata.
         self.fast_decode = False
@@ -113,6 +81,7 @@ class Encoder:
         self._spec = preprocess if isinstance(preprocess, PreprocessSpec) else PreprocessSpec()
         self._lock = threading.RLock()  # re-entrant: towers read the config under it
         self._config: Any = None
+        self._family: Family | None = None
         self._towers: dict[str, Tower] = {}
         self._processor: Any = None
         self._tokenizer: Any = None
@@ -135,7 +104,9 @@ class Encoder:
     @property
     def family(self) -> Family:
         """The model family (CLIP, SigLIP) of the checkpoint."""
-        return family_for(self.config.model_type, self.model_id)
+        if self._family is None:
+            self._family = family_for(self.config.model_type, self.model_id)
+        return self._family
 
     @property
     def max_batch(self) -> int | None:

@@ -122,6 +122,7 @@ def inspect_model(
         else int(projection_dim),
         "features": features,
         "feature_notes": dict(family.feature_notes),
+        "family_image_defaults": dict(family.image_defaults),
         "projection_notes": {tower: why for tower, (_, why) in projected.items() if why},
         "text_padding": (
             f"every text padded to {family.max_text_length(config)} tokens (as the model was trained)"

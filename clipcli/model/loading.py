@@ -123,6 +123,27 @@ def load_logit_parameters(model: str, revision: str | None, config: Any) -> tupl
     )
 
 
+QUANTIZE_MODES = ("int8",)
+
+
+def quantize_mode(quantize: str | None, device: str, dtype: Any) -> str | None:
+    """The checked ``quantize`` option: None (off) or "int8" (CPU and float32 only)."""
+    if quantize is None or str(quantize).strip().lower() in ("", "none", "no", "off"):
+        return None
+    quantize = str(quantize).strip().lower()
+    if quantize not in QUANTIZE_MODES:
+        raise UsageError(f"unknown quantization {quantize!r} (expected int8 or none)")
+    import torch
+
+    if device != "cpu":
+        raise ModelError(
+            f"int8 quantization runs on the CPU only, not on {device!r} (on a GPU use --dtype float16 or bfloat16 instead)"
+        )
+    if dtype != torch.float32:
+        raise ModelError("int8 quantization needs --dtype float32 (or auto) on the CPU")
+    return quantize
+
+
 # Layers whose linear layers stay float32 under --quantize int8, per tower. The text tower's
 # first layer sees the raw token embeddings, and its attention was where most of the int8
 # error came from: min cosine to float32 on long captions 0.99825 with every layer quantised,
