@@ -193,3 +193,65 @@ def test_a_damaged_index_is_named_skipped_and_rebuilt(tmp_path: Path) -> None:
     assert rebuilt.exit_code == 0 and rebuilt.stderr.startswith("index: built ")
     again = run("similar", str(npz), "item-000004.jpg", "--nprobe", "100000")
     assert "used the faiss index" in again.stderr and again.stdout == want
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("point, sig", [("index-written", signal.SIGKILL), ("ids-written", signal.SIGKILL),
+                                        ("index-written", signal.SIGTERM), ("ids-written", signal.SIGINT)])
+def test_killed_while_writing_the_index_a_rerun_converges(tmp_path: Path, point: str, sig: int) -> None:
+    npz = tmp_path / "v.npz"
+    synthetic_npz(npz, 3000)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    shutil.copy(npz, clean / "v.npz")
+    assert run("index", str(clean / "v.npz")).exit_code == 0  # the uninterrupted result
+    proc = subprocess.Popen([sys.executable, "-m", "clipcli", "index", str(npz)], env=subprocess_env(CLIPCLI_TEST_PAUSE_AT=point),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    temp = ".v.npz.faiss.ids.npy." if point == "ids-written" else ".v.npz.faiss."
+    assert _wait_for(lambda: any(p.name.startswith(temp) and p.name.endswith(".tmp") for p in tmp_path.iterdir()))
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr
+    if sig == signal.SIGINT:  # Ctrl-C: clipcli's own handling removes its temp files
+        assert proc.returncode == 130 and stderr == "error: interrupted\n"
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    else:
+        assert proc.returncode == -sig
+    # No sidecar, so no index counts: search is brute force and says nothing about an index.
+    assert not (tmp_path / "v.npz.faiss.json").exists()
+    searched = run("similar", str(npz), "item-000009.jpg", "-k", "5")
+    assert searched.exit_code == 0 and "index" not in searched.stderr
+    rerun = run("index", str(npz))
+    assert rerun.exit_code == 0 and rerun.stderr.startswith("index: built ")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(p.name for p in clean.iterdir())
+    for name in ("v.npz.faiss", "v.npz.faiss.ids.npy"):
+        assert (tmp_path / name).read_bytes() == (clean / name).read_bytes()  # training is seeded: same index
+    again = run("similar", str(npz), "item-000009.jpg", "-k", "5")
+    assert "used the faiss index" in again.stderr
+    assert again.stdout == run("similar", str(clean / "v.npz"), "item-000009.jpg", "-k", "5").stdout
+
+
+def test_two_index_runs_at_once_exit_4(tmp_path: Path) -> None:
+    npz = tmp_path / "v.npz"
+    synthetic_npz(npz, 3000)
+    first = subprocess.Popen([sys.executable, "-m", "clipcli", "index", str(npz)],
+                             env=subprocess_env(CLIPCLI_TEST_PAUSE_AT="index-written"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: any(p.name.endswith(".tmp") for p in tmp_path.iterdir()))
+        second = run("index", str(npz))
+        assert second.exit_code == 4
+        assert second.stderr == f"error: another clipcli index is building the index of {npz}\n"
+    finally:
+        first.kill()
+        first.communicate(timeout=60)

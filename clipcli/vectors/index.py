@@ -16,8 +16,13 @@ stale and falls back to brute force.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,10 +104,46 @@ class Built:
     rebuilt: bool
 
 
+def _pause(point: str) -> None:
+    """Test-only: ``CLIPCLI_TEST_PAUSE_AT=<point>`` stops here, so a test can kill the process
+    at a known step. One environment lookup otherwise."""
+    if os.environ.get("CLIPCLI_TEST_PAUSE_AT") == point:
+        time.sleep(3600)
+
+
+@contextlib.contextmanager
+def _exclusive(vectors: VectorSet) -> Iterator[None]:
+    """One ``clipcli index`` at a time per vectors file (flock on the vectors themselves, so no
+    lock file is left beside them); OutputLockedError (exit 4) when another holds it."""
+    import fcntl
+
+    from clipcli.errors import OutputLockedError
+
+    with open(vectors.embeddings_path, "rb") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputLockedError(f"another clipcli index is building the index of {vectors.path}") from None
+        yield
+
+
+def _remove_temporaries(path: Path, meta_path: Path) -> None:
+    """Temp files of a run that was killed (AtomicFile names: ``.NAME.XXXX.tmp``)."""
+    for name in (path.name, _ids_path(path).name, meta_path.name):
+        for stale in path.parent.glob(f".{glob.escape(name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def build(vectors: VectorSet, *, nlist: int | None = None, rebuild: bool = False) -> Built:
     """Create the index, or bring an existing one up to date with the rows (incrementally)."""
     faiss = faiss_module()
-    path, meta_path = index_paths(vectors)
+    with _exclusive(vectors):
+        path, meta_path = index_paths(vectors)
+        _remove_temporaries(path, meta_path)
+        return _build(faiss, vectors, path, meta_path, nlist, rebuild)
+
+
+def _build(faiss: Any, vectors: VectorSet, path: Path, meta_path: Path, nlist: int | None, rebuild: bool) -> Built:
     meta = read_meta(vectors)
     ids = row_ids(vectors)
     if len(np.unique(ids)) != len(ids):
@@ -187,11 +228,13 @@ def _save(faiss: Any, index: Any, path: Path, meta_path: Path, table: np.ndarray
             if errors:
                 raise errors[0] from None
             raise
+        _pause("index-written")
         index_file.commit()
         target = _ids_path(path)
         ids_file = AtomicFile(target, "wb")
         files.append(ids_file)
         np.save(ids_file.handle, table, allow_pickle=False)
+        _pause("ids-written")
         ids_file.commit()
         target = meta_path
         meta_file = AtomicFile(meta_path, "w")
