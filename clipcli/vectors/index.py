@@ -282,7 +282,7 @@ def search(vectors: VectorSet, query: np.ndarray, k: int, *, nprobe: int = 32, c
     path, _ = index_paths(vectors)
     try:
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-        table = np.load(_ids_path(path), allow_pickle=False)
+        table = np.load(_ids_path(path), mmap_mode="r", allow_pickle=False)  # a lookup touches few pages
     except (RuntimeError, OSError, ValueError) as exc:
         raise IndexUnreadable(f"cannot read the index {path} ({str(exc).strip().splitlines()[-1][:120]}); "
                               f"rebuild it: clipcli index --rebuild {vectors.path}") from None
