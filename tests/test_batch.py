@@ -388,7 +388,12 @@ def test_from_file_stdin_and_list(tiny_model: str, photos: Path, tmp_path: Path)
     assert errors["source"] == "ftp://example.com/y.jpg" and "scheme" in errors["reason"]
     list_file = tmp_path / "list.txt"
     list_file.write_text(f"{photos / 'b.png'}\n")
+    # The new list drops both rows: the mass-deletion guard refuses, the output stays.
+    before = (out / "embeddings.npy").read_bytes()
     result = cli("--from-file", str(list_file), "-o", str(out), "-m", tiny_model, "--max-errors", "1")
+    assert result.exit_code == 2 and "--allow-deletions" in result.stderr
+    assert (out / "embeddings.npy").read_bytes() == before
+    result = cli("--from-file", str(list_file), "-o", str(out), "-m", tiny_model, "--max-errors", "1", "--allow-deletions")
     assert result.exit_code == 0
     assert counts(out)["embedded"] == 1 and counts(out)["deleted"] == 2
 

@@ -42,7 +42,7 @@ from clipcli.errors import ClipcliError, ModelError, UsageError, first_line
 from clipcli.pipeline import Embedded, Failed
 
 if TYPE_CHECKING:
-    from clipcli.batch.runner import Item
+    from clipcli.batch.plan import Item
     from clipcli.encoder import Encoder
     from clipcli.pipeline import ImageLoader, Result
 
