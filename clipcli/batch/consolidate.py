@@ -45,6 +45,7 @@ def write_outputs(
     Returns ``{file name: {"bytes", "sha256"}}``. StorageError on any write failure, with
     every temporary file removed and the previous outputs untouched.
     """
+    pause_at("consolidate-start")
     emb_path, src_path, idx_path = targets
     root = emb_path.parent
     dt = np.dtype(dtype)

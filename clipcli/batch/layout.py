@@ -248,7 +248,15 @@ class Layout:
             pause_at("shard-write")
             file.commit()
         fsync_dir(self.shards_dir)
-        write_atomic(self.part(number), part, fsync_parent=True)
+        try:
+            write_atomic(self.part(number), part, fsync_parent=True)
+        except BaseException:
+            # Without its index part the .npy is not a shard: do not leave it behind.
+            try:
+                self.npy(number).unlink(missing_ok=True)
+            except OSError:
+                pass  # the next run's scan removes it
+            raise
 
     def remove_shards(self, numbers: Iterable[int]) -> None:
         for number in numbers:

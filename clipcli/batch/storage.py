@@ -38,19 +38,31 @@ def umask() -> int:
     return _UMASK
 
 
+_hits: dict[str, int] = {}
+
+
 def pause_at(point: str) -> None:
-    """Test-only: with ``CLIPCLI_TEST_PAUSE_AT=POINT:FLAGFILE``, create FLAGFILE and sleep at
-    POINT (up to 120 s) so a test can signal this process exactly there. No-op otherwise."""
+    """Test-only hook, a no-op unless ``CLIPCLI_TEST_PAUSE_AT=POINT[@N]:FLAGFILE`` is set.
+
+    The N-th time (default: first) this process reaches POINT, it writes its pid to FLAGFILE
+    and sleeps until a test removes FLAGFILE (at most 120 s), so the test can send a signal or
+    fill the disk exactly there. Points: ``shard-write`` (a shard's .npy temp file written, not
+    renamed), ``consolidate-start``, ``consolidate`` (embeddings.npy temp written, nothing
+    renamed), ``consolidate-renames`` (embeddings.npy renamed, sources/index not yet).
+    """
     if not _PAUSE:
         return
-    name, _, flag = _PAUSE.partition(":")
+    spec, _, flag = _PAUSE.partition(":")
+    name, _, nth = spec.partition("@")
     if name != point:
         return
-    if flag:
-        Path(flag).write_text(str(os.getpid()))
+    _hits[point] = _hits.get(point, 0) + 1
+    if _hits[point] != int(nth or 1) or not flag:
+        return
+    Path(flag).write_text(str(os.getpid()))
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        time.sleep(0.05)  # a signal's handler (KeyboardInterrupt) ends this
+    while os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.02)  # a signal's handler (KeyboardInterrupt) ends this
 
 
 def is_temporary(name: str) -> bool:
