@@ -124,24 +124,34 @@ class BatchRunner:
         deleted = sorted(s for s in state.latest if s not in current)
         failures = [f for f in self.collection.failures if self._mine(f.source)]
         plan = Plan(self.collection.modality, current, todo, skipped, deleted, failures)
-        plan.refusal = self._deletion_refusal(plan, len(state.latest))
+        plan.refusal = self._deletion_refusal(plan, state)
         return plan
 
-    def _deletion_refusal(self, plan: Plan, existing: int) -> str | None:
-        """Why this run must not go on: it would drop most rows because their sources vanished
-        (an empty or unmounted folder, a glob that matches nothing); None when it may."""
-        dropped = len(plan.deleted)
-        if self.options.keep_deleted or self.options.allow_deletions or dropped == 0:
+    def _deletion_refusal(self, plan: Plan, state: State) -> str | None:
+        """Why this run must not go on: it would drop more than :data:`DELETION_LIMIT` of the
+        rows of the current output because their sources vanished (an empty or unmounted
+        folder, a glob that matches nothing); None when it may."""
+        if self.options.keep_deleted or self.options.allow_deletions or not plan.deleted:
             return None
-        if dropped <= DELETION_LIMIT * existing:
+        existing = self._output_sources(state)
+        dropped = [source for source in plan.deleted if source in existing]
+        if not dropped or len(dropped) <= DELETION_LIMIT * len(existing):
             return None
-        share = "all" if dropped == existing else f"{dropped} of {existing}"
+        share = f"all {len(existing)}" if len(dropped) == len(existing) else f"{len(dropped)} of {len(existing)}"
         return (
             f"refusing to drop {share} rows of {self.layout.root}: their sources are gone from the inputs "
-            f"(e.g. {plan.deleted[0]}; {len(plan.current)} source(s) found now). Check the inputs (an empty "
+            f"(e.g. {dropped[0]}; {len(plan.current)} source(s) found now). Check the inputs (an empty "
             "or unmounted folder, a glob that matches nothing), or pass --allow-deletions to drop them "
             "(--keep-deleted keeps them)"
         )
+
+    def _output_sources(self, state: State) -> set[str]:
+        """The sources of the current consolidated output (all rows in shards if it is unreadable)."""
+        try:
+            text = self.layout.index_path.read_text(encoding="utf-8")
+            return {json.loads(line)["source"] for line in text.split("\n") if line}
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return set(state.latest)
 
     # ------------------------------------------------------------------ the guard
     def _check_modality(self, manifest: dict[str, Any] | None) -> None:
