@@ -92,7 +92,7 @@ def embed_pending(
             result.embed_s = time.monotonic() - clock
             try:
                 commit(pending, len(pending))
-                runner.layout.write_manifest({**base, "status": "interrupted", "last_run": runner.counts(result)})
+                runner.layout.write_manifest({**base, "status": "interrupted", "last_run": result.counts()})
             except BaseException:
                 pass  # a second signal or a full disk: the next run cleans up and goes on
             raise

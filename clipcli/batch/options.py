@@ -106,3 +106,38 @@ class RunResult:
     @property
     def throughput(self) -> float:
         return self.embedded / self.embed_s if self.embed_s > 0 else 0.0
+
+    def counts(self) -> dict[str, int]:
+        """The manifest's ``counts``."""
+        return {
+            "sources": self.plan.total,
+            "embedded": self.embedded,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "deleted": self.deleted,
+            "kept_deleted": self.kept_deleted,
+            "rows": self.rows,
+            "shards": self.shards,
+        }
+
+    def timings(self, started: str, unit: str) -> dict[str, Any]:
+        """The manifest's ``timings`` (``unit``: images or texts)."""
+        from clipcli.batch.plan import now_iso
+
+        return {
+            "started": started,
+            "finished": now_iso(),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "embed_s": round(self.embed_s, 3),
+            f"{unit}_per_s": round(self.throughput, 2),
+        }
+
+    def describe(self, unit: str, embeddings: str) -> str:
+        """The one-line summary (``embedded 120, skipped 9880 (already done), ...``)."""
+        text = (
+            f"embedded {self.embedded}, skipped {self.skipped} (already done), failed {self.failed}, "
+            f"{self.elapsed_s:.1f} s, {self.throughput:.1f} {unit}/s"
+        )
+        if self.deleted or self.kept_deleted:
+            text += f", {self.deleted} deleted" if self.deleted else f", {self.kept_deleted} deleted kept"
+        return text + f"; {self.rows} rows in {embeddings}"

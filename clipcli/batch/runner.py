@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,6 +83,7 @@ class BatchRunner:
         self.events = events or Events()
         self.request = json.loads(json.dumps(request)) if request is not None else None
         self.tower = "vision" if collection.modality == "image" else "text"
+        self._unit = "images" if self.tower == "vision" else "texts"
 
     # ------------------------------------------------------------------ planning
     def plan(self) -> Plan:
@@ -273,12 +274,12 @@ class BatchRunner:
                     pass
             raise
         result.elapsed_s = time.monotonic() - started_clock
-        result.summary = self._summary(result)
+        result.summary = result.describe(self._unit, self.layout.embeddings_path.name)
         result.manifest = {
             **base,
             "status": "complete",
-            "counts": self.counts(result),
-            "timings": self._timings(result, started),
+            "counts": result.counts(),
+            "timings": result.timings(started, self._unit),
             "summary": result.summary,
             "consolidated": consolidated,
         }
@@ -398,39 +399,6 @@ class BatchRunner:
         result.rows = len(selection)
         result.shards = len(state.shards)
         return {"digest": digest, "rows": len(selection), "dim": dim, "dtype": dtype, "files": files}
-
-    # ------------------------------------------------------------------ reporting
-    def counts(self, result: RunResult) -> dict[str, int]:
-        return {
-            "sources": result.plan.total,
-            "embedded": result.embedded,
-            "skipped": result.skipped,
-            "failed": result.failed,
-            "deleted": result.deleted,
-            "kept_deleted": result.kept_deleted,
-            "rows": result.rows,
-            "shards": result.shards,
-        }
-
-    def _timings(self, result: RunResult, started: str) -> dict[str, Any]:
-        unit = "images" if self.tower == "vision" else "texts"
-        return {
-            "started": started,
-            "finished": now_iso(),
-            "elapsed_s": round(result.elapsed_s, 3),
-            "embed_s": round(result.embed_s, 3),
-            f"{unit}_per_s": round(result.throughput, 2),
-        }
-
-    def _summary(self, result: RunResult) -> str:
-        unit = "images" if self.tower == "vision" else "texts"
-        text = (
-            f"embedded {result.embedded}, skipped {result.skipped} (already done), failed {result.failed}, "
-            f"{result.elapsed_s:.1f} s, {result.throughput:.1f} {unit}/s"
-        )
-        if result.deleted or result.kept_deleted:
-            text += f", {result.deleted} deleted" if result.deleted else f", {result.kept_deleted} deleted kept"
-        return text + f"; {result.rows} rows in {self.layout.embeddings_path.name}"
 
 
 def _dim(manifest: dict[str, Any] | None) -> int | None:

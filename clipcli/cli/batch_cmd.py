@@ -49,7 +49,7 @@ from clipcli.cli.common import (
     handle_errors,
     settings_from,
 )
-from clipcli.cli.batch_signals import signals_as_interrupt, sigterm_as_interrupt
+from clipcli.cli.batch_signals import signals_as_interrupt, sigterm_as_interrupt  # noqa: F401 - the old name, re-exported
 from clipcli.errors import UsageError
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from clipcli.cli.common import EXIT_INPUTS_FAILED, EXIT_OK, QuietOpt, Reporter, 
 
 MERGE_HELP = """Merge batch OUTDIRs (e.g. the parts of a --shard I/N split) into one result.
 
-MERGED gets embeddings.npy, sources.txt, index.jsonl, errors.jsonl and manifest.json with the rows of every input, sorted by source as a single run would; vectors are copied through memory maps, never all held in memory. Refused (exit 2): inputs made with different settings (model, revision, feature, normalize, preprocessing, dtype, modality), inputs that share a source, incomplete inputs unless --allow-incomplete, and damaged inputs (each input is verified first; the message names it and the problem). A merge that failed (exit 5: disk full, read-only...) or was killed is simply rerun with the same -o: its leftovers are removed and it is redone.
+MERGED gets embeddings.npy, sources.txt, index.jsonl, errors.jsonl and manifest.json with the rows of every input, sorted by source as a single run would; vectors are gathered from read-only memory maps and written with plain writes, never all held in memory. Refused (exit 2): inputs made with different settings (model, revision, feature, normalize, preprocessing, dtype, modality), inputs that share a source, incomplete inputs unless --allow-incomplete, and damaged inputs (each input is verified first; the message names it and the problem). A merge that failed (exit 5: disk full, read-only...) or was killed is simply rerun with the same -o: its leftovers are removed and it is redone.
 
 Example: clipcli batch merge part-1 part-2 part-3 -o vectors
 """
