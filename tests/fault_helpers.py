@@ -106,6 +106,34 @@ def fill(directory: Path) -> Path:
     return ballast
 
 
+class DiskFault:
+    """Writes under a directory start failing: as root the tmpfs ``mount`` is filled to the
+    brim (ENOSPC); otherwise the directories given are made read-only (EACCES), the fallback
+    that needs no mount."""
+
+    def __init__(self, mount: Path) -> None:
+        self.mount = mount
+        self.reason = "no space left on the device" if IS_ROOT else "permission denied"
+        self._ballast: Path | None = None
+        self._locked: list[Path] = []
+
+    def apply(self, *directories: Path) -> None:
+        if IS_ROOT:
+            self._ballast = fill(self.mount)
+        else:
+            for directory in directories:
+                directory.chmod(0o555)
+                self._locked.append(directory)
+
+    def undo(self) -> None:
+        if self._ballast is not None:
+            self._ballast.unlink()
+            self._ballast = None
+        for directory in self._locked:
+            directory.chmod(0o755)
+        self._locked = []
+
+
 # --------------------------------------------------------------------------- assertions
 
 

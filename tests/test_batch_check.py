@@ -262,3 +262,30 @@ def garbage_in_shard_of(out: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-8:] = os.urandom(8)
     path.write_bytes(bytes(data))
+
+
+def test_repair_without_index_rebuilds_from_every_shard_row(tiny_model: str, folder: Path, outdir: Path, reference: Any) -> None:
+    (outdir / "index.jsonl").unlink()
+    found = check(str(outdir))
+    assert found.exit_code == 1 and found.stdout.splitlines() == [f"{outdir / 'index.jsonl'}: missing"]
+    repaired = check(str(outdir), "--repair")
+    assert repaired.exit_code == 0, repaired.stdout + repaired.stderr
+    assert repaired.stdout.splitlines() == [f"repaired {outdir / 'index.jsonl'}: rebuilt from the shards"]
+    assert_same(outdir, reference)  # every row is still in a shard: the same result
+    assert check(str(outdir)).exit_code == 0
+    run = cli(str(folder), "-o", str(outdir), "-m", tiny_model, *ARGS)
+    assert run.exit_code == 0 and manifest(outdir)["counts"]["embedded"] == 0, run.stderr
+    assert_same(outdir, reference)
+
+
+def test_damaged_merged_result_cannot_be_repaired_here(tiny_model: str, folder: Path, outdir: Path, tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    assert cli("merge", str(outdir), "-o", str(merged)).exit_code == 0
+    assert check(str(merged)).exit_code == 0
+    truncate_embeddings(merged)
+    result = check(str(merged), "--repair")
+    assert result.exit_code == 1
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(f"{merged / 'embeddings.npy'}: truncated") and "run batch merge again" in line
+    assert cli("merge", str(outdir), "-o", str(merged)).exit_code == 0  # merging again is the repair
+    assert check(str(merged)).exit_code == 0

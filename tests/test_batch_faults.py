@@ -1,7 +1,8 @@
 """``clipcli batch`` and ``batch merge`` under real faults, in real ``python -m clipcli`` processes.
 
-Disk full (a small tmpfs filled to the brim by a ballast file, as root), a file size limit
-(RLIMIT_FSIZE), a read-only OUTDIR, and SIGKILL / SIGTERM / SIGHUP at named points (the
+Disk full (a small tmpfs filled to the brim by a ballast file, as root; without root the same
+writes are made to fail with read-only directories), a file size limit (RLIMIT_FSIZE), a
+read-only OUTDIR, and SIGKILL / SIGTERM / SIGHUP at named points (the
 test-only ``CLIPCLI_TEST_PAUSE_AT`` hook pauses the process there). Every case checks the exit
 code, the one ``error:`` line, no traceback, no ``.*.tmp`` left (after a kill: removed by the
 rerun), and that a rerun gives exactly the result of an uninterrupted run.
@@ -18,7 +19,7 @@ import pytest
 from batch_helpers import cli
 from conftest import make_image
 from fault_helpers import (
-    IS_ROOT, Paused, assert_one_error, assert_same, clipcli, fill, manifest, remount, result_of, temporaries, tmpfs,
+    IS_ROOT, DiskFault, Paused, assert_one_error, assert_same, clipcli, manifest, remount, result_of, temporaries, tmpfs,
 )
 
 N_IMAGES = 24
@@ -45,8 +46,11 @@ def reference(tiny_model: str, collection: Path, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Any:
+    """A 4 MiB tmpfs as root; a plain directory otherwise (DiskFault then uses read-only dirs)."""
     if not IS_ROOT:
-        pytest.skip("needs root to mount a tmpfs; the RLIMIT_FSIZE and read-only tests cover non-root")
+        (tmp_path / "disk").mkdir()
+        yield tmp_path / "disk"
+        return
     with tmpfs(tmp_path / "disk", "4m") as mount:
         yield mount
 
@@ -65,18 +69,19 @@ def args(collection: Path, out: Path, model: str, *extra: str) -> list[str]:
 
 def test_disk_full_while_writing_shards(tiny_model: str, collection: Path, reference: Any, small_disk: Path) -> None:
     out = small_disk / "out"
+    fault = DiskFault(small_disk)
     paused = Paused(small_disk.parent, "shard-write@2", *args(collection, out, tiny_model))
     paused.wait_paused()
-    ballast = fill(small_disk)  # the second shard's .npy is written; nothing more fits
+    fault.apply(out / "shards")  # the second shard's .npy is written; nothing more fits
     paused.resume()
     code, stdout, stderr = paused.finish()
+    fault.undo()
     assert code == 5, stderr
-    assert_one_error(stderr, "cannot write", str(out / "shards"), "no space left on the device")
+    assert_one_error(stderr, "cannot write", str(out / "shards"), fault.reason)
     assert stdout == ""
     assert temporaries(out) == []
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-000000.jsonl", "shard-000000.npy"]
 
-    ballast.unlink()
     result = cli(str(collection), "-o", str(out), "-m", tiny_model, *ARGS)
     assert result.exit_code == 0, result.stderr
     assert manifest(out)["counts"]["skipped"] == 4  # the committed shard was kept
@@ -91,20 +96,21 @@ def test_disk_full_during_consolidation_keeps_previous_outputs(
     assert cli(*first, "-o", str(out), "-m", tiny_model, *ARGS).exit_code == 0
     before = {name: (out / name).read_bytes() for name in ("embeddings.npy", "sources.txt", "index.jsonl")}
 
+    fault = DiskFault(small_disk)
     paused = Paused(small_disk.parent, "consolidate-start", *args(collection, out, tiny_model))
     paused.wait_paused()  # every shard is committed; the consolidation is next
-    ballast = fill(small_disk)
+    fault.apply(out)
     paused.resume()
     code, _, stderr = paused.finish()
     assert code == 5, stderr
-    assert_one_error(stderr, f"cannot write {out / 'embeddings.npy'}", "no space left on the device")
+    assert_one_error(stderr, f"cannot write {out / 'embeddings.npy'}", fault.reason)
     assert temporaries(out) == []
     assert {name: (out / name).read_bytes() for name in before} == before  # the previous good outputs
     # ... and they still verify against the manifest (its record of them was kept).
     check = clipcli("batch", "check", str(out))
     assert check.returncode == 0, check.stdout + check.stderr
 
-    ballast.unlink()
+    fault.undo()
     result = cli(str(collection), "-o", str(out), "-m", tiny_model, *ARGS)
     assert result.exit_code == 0, result.stderr
     assert manifest(out)["counts"]["embedded"] == 0  # nothing was lost: only consolidated again
@@ -222,25 +228,27 @@ def parts(tiny_model: str, collection: Path, tmp_path_factory: pytest.TempPathFa
 
 def test_merge_on_a_full_disk_then_rerun(parts: list[Path], reference: Any, small_disk: Path) -> None:
     merged = small_disk / "merged"
-    ballast = fill(small_disk)  # full before the merge starts: not even its manifest fits
+    fault = DiskFault(small_disk)
+    merged.mkdir()
+    fault.apply(merged)  # before the merge starts: not even its manifest fits
     proc = clipcli("batch", "merge", *map(str, parts), "-o", str(merged))
+    fault.undo()
     assert proc.returncode == 5, proc.stderr
-    assert_one_error(proc.stderr, f"cannot write {merged / 'manifest.json'}", "no space left on the device")
+    assert_one_error(proc.stderr, "cannot", str(merged), fault.reason)
     assert temporaries(small_disk) == []
 
-    # Its manifest written, the disk fills up before the vectors: the merge fails halfway.
-    ballast.unlink()
+    # Its manifest written, writes fail before the vectors: the merge fails halfway.
     paused = Paused(small_disk.parent, "consolidate-start", "batch", "merge", *map(str, parts), "-o", str(merged))
     paused.wait_paused()
-    ballast = fill(small_disk)
+    fault.apply(merged)
     paused.resume()
     code, _, stderr = paused.finish()
+    fault.undo()
     assert code == 5, stderr
-    assert_one_error(stderr, f"cannot write {merged / 'embeddings.npy'}", "no space left on the device")
+    assert_one_error(stderr, f"cannot write {merged / 'embeddings.npy'}", fault.reason)
     assert temporaries(small_disk) == []
     assert manifest(merged)["status"] == "running"
 
-    ballast.unlink()
     proc = clipcli("batch", "merge", *map(str, parts), "-o", str(merged))  # its own half-done output is redone
     assert proc.returncode == 0, proc.stderr
     assert_same(merged, reference)

@@ -21,8 +21,9 @@ from typing import Any
 
 from clipcli.batch.layout import Layout, State, sort_key
 from clipcli.batch.lock import OutputLock
+from clipcli.batch.storage import is_temporary, unlink
 from clipcli.batch.verify import check_outputs
-from clipcli.errors import UsageError
+from clipcli.errors import StorageError, UsageError, storage_error
 
 
 @dataclass
@@ -85,7 +86,7 @@ class _Checker:
         for directory in (layout.root, layout.shards_dir):
             for path in _temporaries(directory):
                 self.problem(path, "leftover temporary file of an interrupted run",
-                             lambda p=path: p.unlink(missing_ok=True), "removed")
+                             lambda p=path: unlink(p), "removed")
         for number, kinds in sorted(files.items()):
             if kinds == {"npy"}:
                 path = layout.npy(number)
@@ -165,8 +166,8 @@ class _Checker:
         sources: list[str] | None
         try:
             sources = [json.loads(line)["source"] for line in _lines(layout.index_path)]
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-            sources = None
+        except (StorageError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            sources = None  # missing or unreadable: rebuild from every source the shards hold
         if sources is None:
             refs = list(state.latest.values())
             complete = False
@@ -191,15 +192,20 @@ class _Checker:
 
 
 def _temporaries(directory: Path) -> list[Path]:
-    from clipcli.batch.storage import is_temporary
-
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if is_temporary(p.name) and p.is_file())
+    try:
+        return sorted(p for p in directory.iterdir() if is_temporary(p.name) and p.is_file())
+    except OSError as exc:
+        raise storage_error(directory, exc, doing="read") from None
 
 
 def _lines(path: Path) -> list[str]:
-    return [line for line in path.read_text(encoding="utf-8").split("\n") if line]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise storage_error(path, exc, doing="read") from None
+    return [line for line in text.split("\n") if line]
 
 
 __all__ = ["CheckReport", "check_outdir"]
