@@ -112,6 +112,8 @@ def test_damage_is_found_and_a_run_converges(tiny_model: str, folder: Path, outd
     dry = cli(str(folder), "-o", str(outdir), "-m", tiny_model, *ARGS, "--dry-run")
     assert dry.exit_code == 0, dry.stderr
     assert len(dry.stdout.splitlines()) == (2 if in_shard else 0)  # the damaged shard's rows, to embed again
+    dry_warnings = [w for w in dry.stderr.splitlines() if w.startswith("warning: ")]
+    assert len(dry_warnings) == (1 if in_shard else 0) and "Traceback" not in dry.stderr
 
     run = cli(str(folder), "-o", str(outdir), "-m", tiny_model, *ARGS)
     assert run.exit_code == 0, run.stderr
@@ -119,6 +121,7 @@ def test_damage_is_found_and_a_run_converges(tiny_model: str, folder: Path, outd
     warnings = [w for w in run.stderr.splitlines() if w.startswith("warning: ")]
     assert len(warnings) == 1 and name.split("/")[-1] in warnings[0]
     assert manifest(outdir)["counts"]["embedded"] == (2 if in_shard else 0)
+    assert temporaries(outdir) == []
     assert_same(outdir, reference)
     healthy = check(str(outdir))
     assert healthy.exit_code == 0 and healthy.stdout == "", healthy.stdout + healthy.stderr
@@ -289,3 +292,14 @@ def test_damaged_merged_result_cannot_be_repaired_here(tiny_model: str, folder: 
     assert line.startswith(f"{merged / 'embeddings.npy'}: truncated") and "run batch merge again" in line
     assert cli("merge", str(outdir), "-o", str(merged)).exit_code == 0  # merging again is the repair
     assert check(str(merged)).exit_code == 0
+
+
+def test_check_waits_for_or_refuses_a_running_batch(outdir: Path) -> None:
+    from clipcli.batch import OutputLock
+
+    with OutputLock(outdir):  # a batch run holds OUTDIR
+        for args in ([], ["--repair"]):
+            result = check(str(outdir), *args)
+            assert result.exit_code == 4
+            assert_one_error(result.stderr, "in use by another clipcli batch run", "--wait")
+    assert check(str(outdir)).exit_code == 0

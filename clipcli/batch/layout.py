@@ -9,7 +9,7 @@
       index.jsonl            N lines: the source of row i and what identifies its version
       errors.jsonl           inputs that failed in the latest run (retried on the next)
       shards/shard-000000.npy    vectors of one shard, in the order they were embedded
-      shards/shard-000000.jsonl  index part of that shard: one record per row
+      shards/shard-000000.jsonl  index part of that shard: one record per row, then a checksum line
       .lock                  flock target; never needs removing
 
 A shard exists only when both its ``.npy`` and its ``.jsonl`` exist and verify (see
