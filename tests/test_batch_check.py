@@ -217,7 +217,8 @@ def test_mass_deletion_is_refused_unless_allowed(tiny_model: str, folder: Path, 
 
 
 def test_outdir_without_checksums_keeps_working(tiny_model: str, folder: Path, outdir: Path, reference: Any) -> None:
-    """An OUTDIR from before checksums (layout 1): verified structurally, never re-embedded."""
+    """An OUTDIR from before checksums (layout 1): verified structurally, never re-embedded; its
+    next run records the outputs' checksums (old shards stay as they are)."""
     for part in (outdir / "shards").glob("*.jsonl"):
         lines = part.read_text().splitlines(keepends=True)
         assert "clipcli_shard" in lines[-1]
@@ -232,6 +233,9 @@ def test_outdir_without_checksums_keeps_working(tiny_model: str, folder: Path, o
     assert run.exit_code == 0 and "warning" not in run.stderr, run.stderr
     assert manifest(outdir)["counts"]["embedded"] == 0
     assert_same(outdir, reference)
+    assert set(manifest(outdir)["consolidated"]["files"]) == {"embeddings.npy", "sources.txt", "index.jsonl"}
+    data["consolidated"].pop("files", None)
+    (outdir / "manifest.json").write_text(json.dumps(data))
     truncate_embeddings(outdir)  # still caught by the structural checks
     assert check(str(outdir)).exit_code == 1
 

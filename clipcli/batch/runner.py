@@ -43,8 +43,8 @@ from clipcli.batch.lock import OutputLock
 from clipcli.batch.options import DEFAULT_SHARD_SIZE, BatchOptions, Engine, Events, RunResult
 from clipcli.batch.plan import Item, Plan, file_record, now_iso, parse_shard, shard_label, shard_of
 from clipcli.batch.space import INFO_KEYS, SPACE_KEYS, comparable, describe_differences, mismatch_message
-from clipcli.batch.verify import check_outputs
-from clipcli.errors import StorageError, UsageError
+from clipcli.batch.verify import check_outputs, file_records
+from clipcli.errors import StorageError, UsageError, storage_error
 from clipcli.pipeline import Failed
 
 if TYPE_CHECKING:
@@ -391,6 +391,9 @@ class BatchRunner:
             # The manifest keeps the old record (with its checksums) until the new outputs are
             # in place: a crash in between leaves outputs that fail to verify, never trusted.
             files = self.layout.consolidate(selection, dim, dtype)
+        elif not isinstance(files, dict):
+            # Outputs from before checksums that passed the structural checks: record them now.
+            files = self._checksums()
         live = {ref.shard for ref in state.latest.values()}
         superseded = [number for number in state.shards if number not in live]
         self.layout.remove_shards(superseded)
@@ -399,6 +402,14 @@ class BatchRunner:
         result.rows = len(selection)
         result.shards = len(state.shards)
         return {"digest": digest, "rows": len(selection), "dim": dim, "dtype": dtype, "files": files}
+
+
+    def _checksums(self) -> dict[str, dict[str, Any]]:
+        paths = [self.layout.embeddings_path, self.layout.sources_path, self.layout.index_path]
+        try:
+            return file_records(paths)
+        except OSError as exc:
+            raise storage_error(getattr(exc, "filename", None) or self.layout.root, exc, doing="read") from None
 
 
 def _dim(manifest: dict[str, Any] | None) -> int | None:

@@ -40,6 +40,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_records(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes", "sha256"}}`` of existing files (the manifest's ``consolidated.files``)."""
+    return {path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)} for path in paths}
+
+
 def npy_bytes(vectors: np.ndarray) -> bytes:
     """The bytes of a ``.npy`` file holding ``vectors``."""
     buffer = io.BytesIO()
