@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -32,6 +33,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from http_server import TestServer, http_server_fixture  # noqa: E402,F401
+from serve_helpers import TOKEN, alive, base_env, clipcli, wait_for  # noqa: E402
 
 from clipcli.cli import app  # noqa: E402
 from clipcli.serve import protocol  # noqa: E402
@@ -41,45 +43,12 @@ from clipcli.writers import read_sources  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = str(ROOT / "sample_images" / "chelsea.jpg")
-TOKEN = "test-token-0123456789abcdef"
 PRE = ["--resample", "bicubic"]  # the shared server's preprocessing: image clients name it too
 runner = CliRunner()
 
 
-def base_env(runtime: Path, config: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPCLI_")}
-    env.update(HF_HUB_OFFLINE="1", CLIPCLI_RUNTIME_DIR=str(runtime), CLIPCLI_CONFIG=str(config))
-    return env
-
-
-def clipcli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipcli", *args], env=env, capture_output=True, text=True,
-                          timeout=120, **kwargs)
-
-
 def invoke(args: list[str], stdin: str | None = None):
     return runner.invoke(app, args, input=stdin, catch_exceptions=False)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @dataclass
@@ -439,7 +408,7 @@ def test_server_killed_mid_request(tiny_model, tmp_path):
     env = base_env(runtime, tmp_path / "config.toml")
     server = _start_foreground(tiny_model, env, "-b", "1")
     try:
-        assert wait_for(lambda: clipcli(["serve", "status"], env).returncode == 0, 90), server.stderr
+        assert wait_for(lambda: clipcli(["serve", "status"], env).returncode == 0, 300), server.stderr
         clients = {
             mode: subprocess.Popen([sys.executable, "-m", "clipcli", "embed-text", "-", "--model", tiny_model, "-b", "1",
                                     *([mode] if mode else [])], env=env, stdin=subprocess.PIPE,
@@ -527,6 +496,7 @@ def test_status_and_stop(served, tiny_model, monkeypatch):
     assert shown.returncode == 0
     assert f"model {tiny_model}" in shown.stdout and "device cpu" in shown.stdout
     assert "requests" in shown.stdout and "queue 0" in shown.stdout and f"TCP {served.tcp}" in shown.stdout
+    assert re.search(r"connections: [1-9]\d* unix socket, \d+ TCP, \d+ TCP waiting for a token", shown.stdout)
     st = json.loads(clipcli(["serve", "status", "--json"], served.env).stdout)[0]
     assert st["requests"] > 0 and st["uptime"] > 0 and st["feature"] == "pooled" and st["queue"] == 0
     assert len(st["sockets"]) == 2 and shown.stdout.count("pid ") == 1  # one server, listed once

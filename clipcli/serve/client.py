@@ -10,6 +10,7 @@ in-process and drop nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import stat
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 CONNECT_TIMEOUT = 5.0
-CHUNK_BYTES = 8 * 1024 * 1024  # inputs per message stay well under the 64 MiB limit
+CHUNK_BYTES = 8 * 1024 * 1024  # encoded inputs per message: well under the server's 16 MiB header limit
 
 
 class ServerUnavailable(ModelError):
@@ -146,6 +147,7 @@ class Client:
         self.sock = sock
         self.target = target
         self.info: dict[str, Any] = {}
+        self._authenticated = False
 
     @classmethod
     def connect(cls, target: Target, *, timeout: float = CONNECT_TIMEOUT) -> Client:
@@ -168,8 +170,8 @@ class Client:
 
     def request(self, header: dict[str, Any], *, timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
         """Send one message, read its reply; ServerGone / ServerRefused on failure."""
-        if self.target.token is not None:
-            header = {**header, "token": self.target.token}
+        if self.target.token is not None and not self._authenticated:
+            header = {**header, "token": self.target.token}  # the first message on TCP: checked first
         try:
             self.sock.settimeout(timeout)
             send_message(self.sock, header)
@@ -179,6 +181,7 @@ class Client:
         except (OSError, ConnectionError) as exc:
             text = str(exc) or type(exc).__name__
             raise ServerGone(f"lost the connection to the server ({text})") from None
+        self._authenticated = True
         if not reply.get("ok"):
             raise ServerRefused(str(reply.get("error") or "request refused"), kind=str(reply.get("kind") or "internal"))
         return reply, payload
@@ -272,6 +275,11 @@ def embed_stream(
     in ``items``).
     """
     chunk_size = max(1, min(chunk_size, MAX_INPUTS))
+    # The server uses at most the first `text` + 1 characters of a text (it cuts longer ones at a
+    # word break within them, or refuses them): the rest of a huge text need not cross the wire.
+    text_limit = (client.info.get("limits") or {}).get("text") if kind == "text" else None
+    if not isinstance(text_limit, int) or text_limit <= 0:
+        text_limit = None
     pending: deque[T] = deque()  # sent, not yet answered
     first = True
     final = False
@@ -286,9 +294,11 @@ def embed_stream(
                     final = True
                     break
                 text = wire(item)
+                if text_limit is not None and len(text) > text_limit + 1:
+                    text = text[: text_limit + 1]
                 pending.append(item)
                 wires.append(text)
-                size += len(text) + 16
+                size += len(json.dumps(text)) + 1  # as the header will carry it (\uXXXX escapes)
             if first:
                 header: dict[str, Any] = {"op": "embed", "kind": kind, "key": key, **options}
             else:

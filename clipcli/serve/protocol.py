@@ -9,15 +9,21 @@ Every message, both ways, is::
                    undecodable file names intact), always an object
     payload        raw bytes; replies carry vectors here as little-endian float32, row-major
 
-Header and payload together may not exceed :data:`MAX_MESSAGE` bytes (64 MiB); a request may
-hold at most :data:`MAX_INPUTS` inputs. Before a TCP connection has shown its token, a message
-may not exceed :data:`MAX_PREAUTH` bytes.
+Header and payload together may not exceed :data:`MAX_MESSAGE` bytes (64 MiB: replies carry
+vectors); the server takes request headers of at most :data:`MAX_HEADER` bytes (16 MiB), no
+request payload, and at most :data:`MAX_INPUTS` inputs per message. On TCP the first message
+must carry the token and fit in :data:`MAX_PREAUTH` bytes. Sizes are checked from the 8-byte
+prefix, before anything else is read; bodies are read in chunks of at most :data:`READ_CHUNK`
+bytes, so memory follows the bytes that actually arrive, not the sizes announced.
 
 Conversation (client -> server; every request gets exactly one reply)::
 
     {"op": "hello", "protocol": 1, "token": T?}
         -> {"ok": true, "keys": {"image": K1, "text": K2}, "pid": ..., "status": {...},
-            "towers": {"vision": {"metadata": {...}} | {"error": "..."}, "text": ...}}
+            "towers": {"vision": {"metadata": {...}} | {"error": "..."}, "text": ...},
+            "limits": {"header": ..., "payload": 0, "inputs": ..., "text": ..., "batch_size": ...}}
+        (on TCP the token goes in the first message, whatever it is; the server reads nothing
+        more before checking it)
     {"op": "status"}  -> {"ok": true, "status": {...}}
     {"op": "stop"}    -> {"ok": true}            (the server then shuts down)
     {"op": "embed", "kind": "image"|"text", "key": KEY, "inputs": [...], "final": bool,
@@ -55,6 +61,7 @@ import socket
 import stat
 import struct
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,8 +71,10 @@ if TYPE_CHECKING:
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 64 * 1024 * 1024
+MAX_HEADER = 16 * 1024 * 1024
 MAX_INPUTS = 10_000
-MAX_PREAUTH = 64 * 1024
+MAX_PREAUTH = 4 * 1024
+READ_CHUNK = 1024 * 1024
 PREFIX = struct.Struct(">II")
 
 RUNTIME_ENV = "CLIPCLI_RUNTIME_DIR"
@@ -89,12 +98,13 @@ class ProtocolError(Exception):
 
 
 class MessageTooLarge(ProtocolError):
-    """A message announced more bytes than allowed."""
+    """A message announced more bytes than allowed (``what``: message, header or payload)."""
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"message of {size} bytes is over the limit of {limit} bytes")
+    def __init__(self, size: int, limit: int, what: str = "message") -> None:
+        super().__init__(f"{what} of {size} bytes is over the limit of {limit} bytes")
         self.size = size
         self.limit = limit
+        self.what = what
 
 
 class ConnectionClosed(ConnectionError):
@@ -108,18 +118,26 @@ class UnsafeDirectory(Exception):
 # ------------------------------------------------------------------------------ framing
 
 
-def _recv_exact(sock: socket.socket, n: int, *, at_boundary: bool = False) -> bytes:
-    buffer = bytearray(n)
-    view = memoryview(buffer)
+def _recv_exact(sock: socket.socket, n: int, *, at_boundary: bool = False, deadline: float | None = None) -> bytes:
+    """Read exactly ``n`` bytes, growing the buffer as they arrive (never ``n`` at once: an
+    announced size costs nothing until the bytes come). ``deadline``: a ``time.monotonic()``
+    by which all of them must have arrived (TimeoutError after it)."""
+    chunks: list[bytes] = []
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out in the middle of a message")
+            sock.settimeout(left)
+        chunk = sock.recv(min(n - got, READ_CHUNK))
+        if not chunk:
             if at_boundary and got == 0:
                 raise ConnectionClosed("connection closed")
             raise ConnectionError("connection closed in the middle of a message")
-        got += k
-    return bytes(buffer)
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def send_message(sock: socket.socket, header: Mapping[str, Any], payload: bytes | memoryview = b"",
@@ -137,26 +155,37 @@ def send_message(sock: socket.socket, header: Mapping[str, Any], payload: bytes 
         sock.sendall(payload)
 
 
-def recv_message(sock: socket.socket, *, max_size: int = MAX_MESSAGE) -> tuple[dict[str, Any], bytes]:
+def recv_message(
+    sock: socket.socket, *, max_size: int = MAX_MESSAGE, max_header: int | None = None,
+    max_payload: int | None = None, deadline: float | None = None,
+) -> tuple[dict[str, Any], bytes]:
     """Receive one framed message.
 
     Raises ConnectionClosed on a clean end between messages, ConnectionError when the peer goes
-    away mid-message, MessageTooLarge before reading an oversized body, ProtocolError when the
-    header is not a JSON object.
+    away mid-message, TimeoutError past ``deadline``, MessageTooLarge (from the prefix alone,
+    before reading the body) when the header, the payload or both are over their limits,
+    ProtocolError when the header is not a JSON object.
     """
-    head_len, payload_len = PREFIX.unpack(_recv_exact(sock, PREFIX.size, at_boundary=True))
+    head_len, payload_len = PREFIX.unpack(_recv_exact(sock, PREFIX.size, at_boundary=True, deadline=deadline))
+    if max_header is not None and head_len > max_header:
+        raise MessageTooLarge(head_len, max_header, "header")
+    if max_payload is not None and payload_len > max_payload:
+        raise MessageTooLarge(payload_len, max_payload, "payload")
     if head_len + payload_len > max_size:
         raise MessageTooLarge(head_len + payload_len, max_size)
     if head_len == 0:
         raise ProtocolError("empty message header")
-    body = _recv_exact(sock, head_len)
+    body = _recv_exact(sock, head_len, deadline=deadline)
     try:
         header = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"message header is not JSON: {exc}") from None
+    except RecursionError:  # '[[[[...' nested past the interpreter's limit
+        raise ProtocolError("message header is nested too deeply") from None
+    del body
     if not isinstance(header, dict):
         raise ProtocolError("message header is not a JSON object")
-    payload = _recv_exact(sock, payload_len) if payload_len else b""
+    payload = _recv_exact(sock, payload_len, deadline=deadline) if payload_len else b""
     return header, payload
 
 
