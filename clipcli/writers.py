@@ -10,18 +10,24 @@ arrives); the other formats are documents and are written when the run ends.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from clipcli.errors import UsageError
+from clipcli.atomic import AtomicFile, check_writable, remove_stale_temps
+from clipcli.errors import StorageError, UsageError, storage_error
+
+__all__ = [
+    "AtomicFile", "Writer", "escape_line", "infer_format", "output_files", "prepare_output", "read_sources",
+    "sources_sidecar", "unescape_line",
+]
 
 FORMATS = ("jsonl", "json", "npy", "npz", "tsv")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".npy": "npy", ".npz": "npz", ".tsv": "tsv"}
@@ -71,39 +77,40 @@ def unescape_line(text: str) -> str:
     return "".join(out)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _encodable(text: str) -> str:
+    """Outputs are UTF-8: a file name that is not (lone surrogates) keeps readable escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
-class AtomicFile:
-    """A temporary file beside ``path`` that becomes ``path`` only on :meth:`commit`."""
+def output_files(target: str, fmt: str) -> list[Path]:
+    """The files an output to ``target`` in ``fmt`` consists of (none for stdout)."""
+    if target == "-":
+        return []
+    return [Path(target), sources_sidecar(target)] if fmt == "npy" else [Path(target)]
 
-    def __init__(self, path: str | Path, mode: str = "wb") -> None:
-        self.path = Path(path)
-        directory = self.path.parent if str(self.path.parent) else Path(".")
-        if not directory.is_dir():
-            raise UsageError(f"cannot write {self.path}: directory {directory} does not exist")
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        self.handle: IO[Any] = os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}))
 
-    def commit(self) -> None:
-        self.handle.flush()
-        # mkstemp creates 0600; give the output the permissions a plain open() would have.
-        os.fchmod(self.handle.fileno(), 0o666 & ~_umask())
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        os.replace(self.tmp, self.path)
+def prepare_output(target: str, fmt: str) -> None:
+    """Before the work: remove killed runs' temp files for this output, check it can be written.
 
-    def abort(self) -> None:
-        if not self.handle.closed:
-            self.handle.close()
-        Path(self.tmp).unlink(missing_ok=True)
+    Raises UsageError (exit 2) for a missing directory, StorageError (exit 5) for a read-only,
+    full or forbidden one, so a cron job on a full disk fails in a second, not after the model ran.
+    """
+    for path in output_files(target, fmt):
+        remove_stale_temps(path)
+        check_writable(path)
 
 
 class Writer:
-    """Collects embedded items and writes them in one format to stdout or a file."""
+    """Collects embedded items and writes them in one format to stdout or a file.
+
+    Any OS error while writing (disk full, quota, read-only, I/O error, file size limit) aborts
+    the output (temp files removed, a previous file at the target untouched) and is raised as
+    :class:`StorageError` naming the target. A closed pipe on stdout stays a BrokenPipeError.
+    """
 
     def __init__(self, target: str, fmt: str, metadata: dict[str, Any], *, out_dtype: str = "float32") -> None:
         self.target = target
@@ -118,7 +125,31 @@ class Writer:
         self._sources: list[str] = []
         self._closed = False
         self._stream: IO[str] | None = None
-        self._text_open()
+        with self._guard():
+            self._text_open()
+
+    @property
+    def _name(self) -> str:
+        return "stdout" if self.target == "-" else self.target
+
+    @contextlib.contextmanager
+    def _guard(self, where: str | None = None) -> Iterator[None]:
+        """OSError -> abort + StorageError naming the output (``where``: another file)."""
+        try:
+            yield
+        except BrokenPipeError:
+            if self.target != "-":
+                self.abort()
+                raise storage_error(where or self._name, BrokenPipeError(32, "broken pipe")) from None
+            self.abort()
+            raise
+        except OSError as exc:
+            self.abort()
+            raise storage_error(where or self._name, exc) from None
+        except UnicodeEncodeError as exc:
+            # A source that is not encodable text (a non-UTF-8 file name): named, not a traceback.
+            self.abort()
+            raise StorageError(f"cannot write {where or self._name}: a source is not valid text ({exc.reason})") from None
 
     # -- setup
     def _text_open(self) -> None:
@@ -143,10 +174,15 @@ class Writer:
         """Write embedded items (objects with ``source`` and ``vector``), in order."""
         if not items:
             return
+        where = None if self._rows is None else f"a temporary file in {tempfile.gettempdir()} (for {self._name})"
+        with self._guard(where):
+            self._write(items)
+
+    def _write(self, items: Sequence[Any]) -> None:
         matrix = np.stack([np.asarray(item.vector) for item in items]).astype(self.dtype)
         if self.dim == 0:
             self.dim = matrix.shape[1]
-        sources = [item.source for item in items]
+        sources = [_encodable(item.source) for item in items]
         if self.format == "jsonl":
             assert self._stream is not None
             lines = [
@@ -173,26 +209,32 @@ class Writer:
 
     # -- finishing
     def close(self) -> None:
-        """Finish the output and move files into place."""
+        """Finish the output and move files into place (all fsynced before any is renamed)."""
         if self._closed:
             return
-        self._closed = True
-        if self.format == "json":
-            assert self._stream is not None
-            self._stream.write("]}\n")
-            self._stream.flush()
-        elif self.format in ("npy", "npz"):
-            self._finish_binary()
-        for file in self._files:
-            file.commit()
+        with self._guard():
+            if self.format == "json":
+                assert self._stream is not None
+                self._stream.write("]}\n")
+                self._stream.flush()
+            elif self.format in ("npy", "npz"):
+                self._finish_binary()
+            for file in self._files:
+                file.finish()
+            # Renames need no space: once every file is complete and durable, the .npy and its
+            # sidecar are put in place together.
+            for file in self._files:
+                file.publish()
+            self._closed = True
 
     def abort(self) -> None:
-        """Drop everything not yet committed (files are never left half-written)."""
+        """Drop everything not yet committed (files are never left half-written). Never raises."""
         self._closed = True
         for file in self._files:
             file.abort()
         if self._rows is not None:
-            self._rows.close()
+            with contextlib.suppress(OSError):
+                self._rows.close()
 
     def _matrix(self) -> np.ndarray:
         assert self._rows is not None
