@@ -124,6 +124,18 @@ def _check_free_space(path: Path, directory: Path) -> None:
         raise storage_error(path, OSError(errno.ENOSPC, "no space"))
 
 
+PAUSE_ENV = "CLIPCLI_TEST_PAUSE_AT"
+
+
+def pause_point(name: str) -> None:
+    """Test-only: with ``CLIPCLI_TEST_PAUSE_AT=name`` the process waits here (the fault tests
+    kill or signal it at a known point). Otherwise one dictionary lookup, nothing more."""
+    if os.environ.get(PAUSE_ENV) == name:
+        import time
+
+        time.sleep(300)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -168,6 +180,7 @@ class AtomicFile:
 
     def publish(self) -> None:
         """Rename the finished temporary file over the target."""
+        pause_point("before-rename")
         os.replace(self.tmp, self.path)
 
     def commit(self) -> None:

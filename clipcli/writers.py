@@ -77,6 +77,13 @@ def unescape_line(text: str) -> str:
     return "".join(out)
 
 
+class _WriteOnly:
+    """A file seen only through ``write`` (so numpy writes in chunks, and errors keep errno)."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.write = handle.write
+
+
 def _encodable(text: str) -> str:
     """Outputs are UTF-8: a file name that is not (lone surrogates) keeps readable escapes."""
     try:
@@ -167,14 +174,19 @@ class Writer:
                 # Stream the items array after the metadata: memory stays flat for any N.
                 self._stream.write(text[:-1] + ', "items": [')
         else:
-            self._rows = tempfile.TemporaryFile()
+            # Rows wait in an anonymous file (gone with the process, even after SIGKILL) on the
+            # output's own file system: one place to run out of space, named in the message.
+            spool_dir = None if to_stdout else (Path(self.target).parent if str(Path(self.target).parent) else Path("."))
+            self._rows = tempfile.TemporaryFile(dir=spool_dir)
 
     # -- writing
     def write(self, items: Sequence[Any]) -> None:
         """Write embedded items (objects with ``source`` and ``vector``), in order."""
         if not items:
             return
-        where = None if self._rows is None else f"a temporary file in {tempfile.gettempdir()} (for {self._name})"
+        where = None
+        if self._rows is not None and self.target == "-":
+            where = f"a temporary file in {tempfile.gettempdir()} (for stdout)"
         with self._guard(where):
             self._write(items)
 
@@ -254,7 +266,9 @@ class Writer:
             else:
                 main = AtomicFile(self.target, "wb")
                 self._files.append(main)
-                np.lib.format.write_array(main.handle, matrix, allow_pickle=False)
+                # Through .write(), not ndarray.tofile(): tofile reports a full disk as a short
+                # write without an errno ("64000 requested and 40928 written").
+                np.lib.format.write_array(_WriteOnly(main.handle), matrix, allow_pickle=False)
                 side = AtomicFile(sources_sidecar(self.target), "w")
                 self._files.append(side)
                 side.handle.write("".join(escape_line(s) + "\n" for s in self._sources))

@@ -28,6 +28,7 @@ from clipcli.cli.common import (
     handle_errors,
     resolve_settings,
     settings_from,
+    signals_as_interrupt,
 )
 from clipcli.errors import ConfigError, UsageError
 
@@ -183,7 +184,7 @@ def set_(
     Example: clipcli config set mean 0.5,0.5,0.5
     """
     reporter = Reporter()
-    with handle_errors(reporter):
+    with handle_errors(reporter), signals_as_interrupt():
         from clipcli.settings import config_path, set_value
 
         name = _check_key(key)
@@ -206,7 +207,7 @@ def unset(
     Example: clipcli config unset batch_size
     """
     reporter = Reporter()
-    with handle_errors(reporter):
+    with handle_errors(reporter), signals_as_interrupt():
         from clipcli.settings import KEYS, config_path, unset_value
 
         path = config_path()
