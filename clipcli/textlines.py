@@ -28,7 +28,7 @@ from typing import IO, Any
 MAX_LINE_BYTES = 1 << 20  # texts
 MAX_REF_BYTES = 64 << 10  # paths and URLs (PATH_MAX is 4096; URLs are shorter than this)
 MAX_DISCARD_BYTES = 64 << 20
-SOURCE_CHARS = 1000  # longest text written as its own source label
+SOURCE_CHARS = 256  # longest text written as its own source label (a CLIP caption fits)
 _CHUNK = 64 << 10
 
 
