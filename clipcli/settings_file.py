@@ -92,6 +92,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"settings file {path} is not valid TOML: {exc}") from None
+    except ValueError as exc:  # tomllib lets Python's int-size guard through (a 5000-digit number)
+        raise ConfigError(f"settings file {path} has a value clipcli cannot read: {str(exc).split(';')[0]}") from None
 
 
 def _toml_string(text: str) -> str:
