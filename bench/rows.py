@@ -40,7 +40,9 @@ def _dtype(spec: dict[str, Any]):
 
 def _hf_tower(spec: dict[str, Any], tower: str):
     """The plain transformers tower (what the naive pipeline and the ceiling use)."""
-    from clipcli.encoder import INT8_FLOAT_LAYERS, _quantize_int8, quiet_transformers
+    from clipcli.model.loading import INT8_FLOAT_LAYERS
+    from clipcli.model.loading import quantize_int8 as _quantize_int8
+    from clipcli.model.runtime import quiet_transformers
 
     with quiet_transformers():
         import transformers

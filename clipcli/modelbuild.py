@@ -89,7 +89,7 @@ def build_checkpoint(
     validate(vision, text, projection_dim)
     import torch
 
-    from clipcli.encoder import quiet_transformers
+    from clipcli.model.runtime import quiet_transformers
 
     out = Path(out_dir)
     with quiet_transformers():

@@ -1,4 +1,4 @@
-"""Image preprocessing: the checkpoint's own ``CLIPImageProcessor`` plus user overrides.
+"""Image preprocessing: the checkpoint's own image processor plus user overrides.
 
 The default is exactly what the checkpoint ships (``preprocessor_config.json``), so vectors match
 the reference transformers pipeline. Overrides (resize, crop, mean, std, resample) and the
@@ -90,9 +90,19 @@ def customise_processor(processor: Any, spec: PreprocessSpec) -> Any:
         processor.image_mean = list(IMAGENET_MEAN)
         processor.image_std = list(IMAGENET_STD)
     if spec.resize is not None:
-        processor.size = {"shortest_edge": spec.resize}
+        # CLIP-style processors resize the shortest edge (then crop); SigLIP-style ones resize
+        # to a fixed square: --resize keeps the processor's own kind of resize.
+        if _fixed_size(processor) is not None:
+            processor.size = {"height": spec.resize, "width": spec.resize}
+        else:
+            processor.size = {"shortest_edge": spec.resize}
         processor.do_resize = True
     if spec.crop_size is not None:
+        if getattr(processor, "crop_size", None) is None and not getattr(processor, "do_center_crop", None):
+            raise UsageError(
+                f"this model's image processor ({type(processor).__name__}) does not center-crop; "
+                "--crop-size applies to CLIP-style processors (use --resize to change its input size)"
+            )
         processor.crop_size = {"height": spec.crop_size, "width": spec.crop_size}
         processor.do_center_crop = True
     if spec.mean is not None:
@@ -119,6 +129,9 @@ def describe_processor(processor: Any, spec: PreprocessSpec | None = None) -> di
         "preset": spec.preset if spec else "clip",
         "custom": bool(spec and not spec.is_checkpoint_default),
         "resize_shortest_edge": size.get("shortest_edge") if getattr(processor, "do_resize", True) else None,
+        # Only processors that resize to a fixed size (SigLIP) get this key, so CLIP manifests
+        # written before it existed compare equal.
+        **({"resize_fixed": list(fixed)} if (fixed := _fixed_size(processor)) and getattr(processor, "do_resize", True) else {}),
         "crop_size": [crop.get("height"), crop.get("width")] if getattr(processor, "do_center_crop", True) else None,
         "mean": [float(v) for v in processor.image_mean] if getattr(processor, "do_normalize", True) else None,
         "std": [float(v) for v in processor.image_std] if getattr(processor, "do_normalize", True) else None,
@@ -128,3 +141,12 @@ def describe_processor(processor: Any, spec: PreprocessSpec | None = None) -> di
         # close but not equal pixels, so the backend is part of what made a vector.
         "backend": getattr(processor, "backend", None) or "pil",
     }
+
+
+def _fixed_size(processor: Any) -> tuple[int, int] | None:
+    """(height, width) of a processor that resizes to a fixed size, else None."""
+    size = getattr(processor, "size", None) or {}
+    get = size.get if hasattr(size, "get") else (lambda key: getattr(size, key, None))
+    if get("shortest_edge") or not (get("height") and get("width")):
+        return None
+    return int(get("height")), int(get("width"))

@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny, randomly initialised CLIP checkpoint built offline, and images.
+"""Shared fixtures: tiny, randomly initialised checkpoints built offline, and images.
+
+``tiny_model`` is the CLIP checkpoint clipcli's own builder writes; ``awkward_clip_model`` and
+``siglip_model`` are shaped as published checkpoints are (see tests/checkpoints.py for all
+layouts and families).
 
 The checkpoint is written with ``save_pretrained`` and loaded back through the same
 ``from_pretrained`` path a user's hub model takes. Its tokenizer is a real byte-level BPE
@@ -39,6 +43,24 @@ def build_tiny_checkpoint(path: Path, *, seed: int = 0, image_size: int = 30) ->
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Path of a tiny CLIP checkpoint directory (usable as --model)."""
     return str(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-clip")))
+
+
+@pytest.fixture(scope="session")
+def siglip_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a tiny SigLIP checkpoint (SentencePiece tokenizer trained here, 16-token texts)."""
+    from checkpoints import build_siglip
+
+    return str(build_siglip(tmp_path_factory.mktemp("tiny-siglip")))
+
+
+@pytest.fixture(scope="session", params=["full-openclip", "vision-proj", "text-proj"])
+def awkward_clip_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(layout, path) of CLIP checkpoints shaped as published, not as clipcli builds them:
+    an OpenCLIP conversion (projection size only at the top level) and lone projection towers.
+    The full set of layouts is in tests/checkpoints.py."""
+    from checkpoints import build_clip
+
+    return request.param, str(build_clip(tmp_path_factory.mktemp(f"clip-{request.param}"), request.param))
 
 
 @pytest.fixture(autouse=True)

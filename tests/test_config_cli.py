@@ -438,7 +438,8 @@ def test_config_model_not_clip_is_exit_3(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     result = run("config", "model", str(tmp_path))
     assert result.exit_code == 3
-    assert "not a CLIP checkpoint" in one_line_error(result)
+    line = one_line_error(result)
+    assert "model_type 'bert'" in line and "supported families: CLIP" in line and "SigLIP" in line
 
 
 # ------------------------------------------------------------------ new-model

@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipcli.encoder import Encoder, _ExactClipTransform
+from clipcli.encoder import Encoder
+from clipcli.exact_transform import ExactClipTransform
 from clipcli.pipeline import Embedded, ImageLoader, embed_images
 from clipcli.preprocess import PreprocessSpec
 
@@ -137,7 +138,7 @@ def _torchvision_processor(**kwargs):
 )
 def test_torchvision_backend_is_reimplemented_bit_for_bit(kwargs):
     processor = _torchvision_processor(**kwargs)
-    fast = _ExactClipTransform.for_processor(processor)
+    fast = ExactClipTransform.for_processor(processor)
     assert fast is not None and fast.backend == "torchvision"
     rng = np.random.default_rng(11)
     for w, h in [(1, 1), (50, 37), (37, 50), (640, 480), (333, 500), (1000, 17), (225, 224)]:
@@ -150,8 +151,8 @@ def test_torchvision_backend_is_reimplemented_bit_for_bit(kwargs):
 
 def test_torchvision_backend_with_the_wrong_arithmetic_is_refused():
     processor = _torchvision_processor()
-    fast = _ExactClipTransform.for_processor(processor)
-    pil_arithmetic = _ExactClipTransform(resize=fast.resize, resample=fast.resample, crop=fast.crop,
+    fast = ExactClipTransform.for_processor(processor)
+    pil_arithmetic = ExactClipTransform(resize=fast.resize, resample=fast.resample, crop=fast.crop,
                                          rescale=fast.rescale, mean=fast.mean, std=fast.std, backend="pil")
     assert not pil_arithmetic._matches(processor)
 
@@ -182,7 +183,7 @@ def test_cuda_pipeline_sends_uint8_and_matches_the_cpu_reference(tiny_model, tmp
 
 
 def test_cpu_threads_drop_to_one_only_when_the_model_is_on_an_accelerator(monkeypatch):
-    from clipcli.encoder import _fit_cpu_threads
+    from clipcli.model.runtime import fit_cpu_threads as _fit_cpu_threads
 
     before = torch.get_num_threads()
     try:
@@ -202,9 +203,9 @@ def test_cpu_threads_drop_to_one_only_when_the_model_is_on_an_accelerator(monkey
 
 def test_torchvision_layout_falls_back_to_channels_first_when_only_that_matches(monkeypatch):
     processor = _torchvision_processor()
-    real = _ExactClipTransform._matches
-    monkeypatch.setattr(_ExactClipTransform, "_matches", lambda self, p: not self.channels_last and real(self, p))
-    fast = _ExactClipTransform.for_processor(processor)
+    real = ExactClipTransform._matches
+    monkeypatch.setattr(ExactClipTransform, "_matches", lambda self, p: not self.channels_last and real(self, p))
+    fast = ExactClipTransform.for_processor(processor)
     assert fast is not None and fast.channels_last is False
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (90, 70, 3), dtype=np.uint8), "RGB")
     theirs = np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0], dtype=np.float32)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipcli.encoder import _ExactClipTransform
+from clipcli.exact_transform import ExactClipTransform
 from clipcli.images import decode_image
 from clipcli.pipeline import DRAFT_MARGIN, draft_size_for
 
@@ -48,9 +48,9 @@ def _jpeg(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def _clip_transform() -> _ExactClipTransform:
+def _clip_transform() -> ExactClipTransform:
     """CLIP ViT-B/32's preprocessing: shortest edge 224 (bicubic), center crop 224, normalise."""
-    return _ExactClipTransform(resize=("shortest", 224, 0), resample=3, crop=(224, 224), rescale=1 / 255,
+    return ExactClipTransform(resize=("shortest", 224, 0), resample=3, crop=(224, 224), rescale=1 / 255,
                                mean=CLIP_MEAN, std=CLIP_STD)
 
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipcli.encoder import Encoder, _ExactClipTransform
+from clipcli.encoder import Encoder
+from clipcli.exact_transform import ExactClipTransform
 from clipcli.errors import ModelError, UsageError
 from clipcli.images import decode_image
 from clipcli.pipeline import ImageLoader, embed_images, embed_texts
@@ -70,7 +71,7 @@ def test_exact_transform_is_used_for_the_checkpoint_processor(tiny_model):
 @pytest.mark.parametrize("size", SIZES)
 def test_exact_transform_matches_the_processor_bit_for_bit(tiny_model, size):
     processor = _processor(tiny_model)
-    fast = _ExactClipTransform.for_processor(processor)
+    fast = ExactClipTransform.for_processor(processor)
     assert fast is not None
     rng = np.random.default_rng(size[0] * 1000 + size[1])
     for _ in range(3):
@@ -95,7 +96,7 @@ def test_exact_transform_matches_the_processor_bit_for_bit(tiny_model, size):
 )
 def test_exact_transform_follows_preprocessing_overrides(tiny_model, spec):
     processor = customise_processor(_processor(tiny_model), spec)
-    fast = _ExactClipTransform.for_processor(processor)
+    fast = ExactClipTransform.for_processor(processor)
     if getattr(processor, "backend", "pil") == "torchvision" and spec.resample in ("box", "hamming"):
         assert fast is None  # torchvision cannot resize so: the processor (and its error) stays
         return
@@ -118,7 +119,7 @@ def test_exact_transform_fixed_size_and_switched_off_steps():
         {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}, "do_rescale": False},
     ):
         processor = CLIPImageProcessor(**kwargs)
-        fast = _ExactClipTransform.for_processor(processor)
+        fast = ExactClipTransform.for_processor(processor)
         assert fast is not None, kwargs
         for w, h in [(50, 37), (37, 50), (64, 64)]:
             image = _random_rgb(rng, w, h)
@@ -129,19 +130,19 @@ def test_exact_transform_fixed_size_and_switched_off_steps():
 def test_processor_settings_it_does_not_cover_keep_the_processor():
     from transformers import CLIPImageProcessor
 
-    assert _ExactClipTransform.for_processor(CLIPImageProcessor(size={"shortest_edge": 32, "longest_edge": 40})) is None
-    assert _ExactClipTransform.for_processor(CLIPImageProcessor(do_pad=True)) is None
+    assert ExactClipTransform.for_processor(CLIPImageProcessor(size={"shortest_edge": 32, "longest_edge": 40})) is None
+    assert ExactClipTransform.for_processor(CLIPImageProcessor(do_pad=True)) is None
 
     class NotPil:
         backend = "some-other-backend"
 
-    assert _ExactClipTransform.for_processor(NotPil()) is None
+    assert ExactClipTransform.for_processor(NotPil()) is None
 
 
 def test_a_transform_that_disagrees_with_the_processor_is_refused(tiny_model):
     processor = _processor(tiny_model)
-    fast = _ExactClipTransform.for_processor(processor)
-    wrong = _ExactClipTransform(resize=fast.resize, resample=0, crop=fast.crop, rescale=fast.rescale,
+    fast = ExactClipTransform.for_processor(processor)
+    wrong = ExactClipTransform(resize=fast.resize, resample=0, crop=fast.crop, rescale=fast.rescale,
                                 mean=fast.mean, std=fast.std)
     assert not wrong._matches(processor)
 
@@ -336,13 +337,13 @@ def test_int8_options_are_checked(tiny_model, monkeypatch):
 
 
 def test_compile_falls_back_to_eager_with_a_clear_reason(tiny_model, monkeypatch):
-    import clipcli.encoder as encoder_module
+    import clipcli.model.loading as loading_module
 
     class Broken(torch.nn.Module):
         def forward(self, *args, **kwargs):
             raise RuntimeError("backend compiler failed: no C++ compiler found\nlong traceback...")
 
-    monkeypatch.setattr(encoder_module, "_compile", lambda model: Broken())
+    monkeypatch.setattr(loading_module, "compile_tower", lambda model: Broken())
     expected = Encoder(tiny_model, device="cpu").encode_images(_images(3))
     encoder = Encoder(tiny_model, device="cpu", compile=True)
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
@@ -354,13 +355,13 @@ def test_compile_falls_back_to_eager_with_a_clear_reason(tiny_model, monkeypatch
 
 
 def test_compile_errors_that_are_out_of_memory_are_not_swallowed(tiny_model, monkeypatch):
-    import clipcli.encoder as encoder_module
+    import clipcli.model.loading as loading_module
 
     class Oom(torch.nn.Module):
         def forward(self, *args, **kwargs):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(encoder_module, "_compile", lambda model: Oom())
+    monkeypatch.setattr(loading_module, "compile_tower", lambda model: Oom())
     encoder = Encoder(tiny_model, device="cpu", compile=True)
     with pytest.raises(ModelError, match="out of memory"):
         encoder.encode_images(_images(2))

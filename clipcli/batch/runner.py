@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 DEFAULT_SHARD_SIZE = 1024
 # Settings that define the embedding space: rows made under different values never mix.
-SPACE_KEYS = ("modality", "model", "revision", "feature", "normalized", "preprocessing", "dtype", "quantize")
+SPACE_KEYS = ("modality", "model", "family", "revision", "feature", "normalized", "preprocessing", "dtype", "quantize")
 _HASH_CHUNK = 1 << 20
 
 
@@ -603,6 +603,8 @@ _INFO_KEYS = ("dim", "model_dtype", "device", "clipcli_version", "max_text_lengt
 
 
 def _comparable(key: str, value: Any) -> Any:
+    if key == "family" and value is None:
+        return "clip"  # manifests from before families were recorded were all CLIP
     if key == "preprocessing" and isinstance(value, dict) and "callable" not in value:
         # The values decide the space; the names (preset, custom) only say how they were asked.
         # Manifests from before the backend was recorded were made with the PIL backend (the

@@ -270,6 +270,7 @@ def _preprocessing_rows(pre: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("preset", str(pre.get("preset")) + (" (customised)" if pre.get("custom") else "")),
         ("resize shortest edge", "-" if pre.get("resize_shortest_edge") is None else str(pre["resize_shortest_edge"])),
+        *([("resize to", f"{pre['resize_fixed'][0]}x{pre['resize_fixed'][1]}")] if pre.get("resize_fixed") else []),
         ("center crop", "-" if crop is None else f"{crop[0]}x{crop[1]}"),
         ("mean", numbers(pre.get("mean"))),
         ("std", numbers(pre.get("std"))),
@@ -285,7 +286,7 @@ def _print_model_tables(info: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console(file=sys.stdout, highlight=False, soft_wrap=False)
-    title = f"{escape(info['model'])} ({info['model_type']})"
+    title = f"{escape(info['model'])} ({info['model_type']}: {info.get('family', 'clip')}, {info.get('layout', '')})"
     if info.get("revision"):
         title += f" @ {escape(str(info['revision']))}"
     towers = Table(title=title, box=box.SIMPLE, title_justify="left")
@@ -297,6 +298,12 @@ def _print_model_tables(info: dict[str, Any]) -> None:
     console.print(towers)
     if info.get("projection_dim") is not None:
         console.print(f"projection dim: {info['projection_dim']}")
+    for tower, why in (info.get("projection_notes") or {}).items():
+        console.print(f"projected {tower} features: {escape(why)}")
+    for feature, note in (info.get("feature_notes") or {}).items():
+        console.print(f"{feature}: {escape(note)}")
+    if info.get("text_padding"):
+        console.print(f"text padding: {escape(info['text_padding'])}")
     if info.get("preprocessing"):
         pre = Table(title="image preprocessing", box=box.SIMPLE, title_justify="left")
         pre.add_column("")
@@ -321,9 +328,9 @@ def model_(
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Show a checkpoint's vision/text configuration, feature sizes and image preprocessing.
+    """Show a checkpoint's family and layout, vision/text configuration, feature sizes and meanings, text padding and image preprocessing.
 
-    Reads only the config and preprocessor files, not the weights. The preprocessing shown is the one embed-image would use with the same settings and options.
+    Reads only the config and preprocessor files (and a local lone tower's weight names), not the weights. The preprocessing shown is the one embed-image would use with the same settings and options.
 
     Example: clipcli config model openai/clip-vit-base-patch32 --preprocess imagenet --json
     """
