@@ -94,6 +94,10 @@ def check_writable(path: str | Path) -> None:
     directory = _directory(path)
     if path.is_dir():
         raise storage_error(path, IsADirectoryError(errno.EISDIR, "is a directory"))
+    if is_special(path):
+        if not os.access(path, os.W_OK):
+            raise storage_error(path, PermissionError(errno.EACCES, "permission denied"))
+        return  # /dev/null, /dev/stdout, a FIFO: written in place, nothing to probe beside it
     try:
         fd, probe = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=directory)
     except OSError as exc:
@@ -134,6 +138,22 @@ def pause_point(name: str) -> None:
         import time
 
         time.sleep(300)
+
+
+def is_special(path: str | Path) -> bool:
+    """True when ``path`` exists and is not a regular file or directory (a device, a FIFO,
+    ``/dev/stdout``): such a target is written in place, never replaced by a renamed file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def open_output(path: str | Path, mode: str = "wb") -> AtomicFile | DirectFile:
+    """An :class:`AtomicFile` for ``path``, or a :class:`DirectFile` when it is a device or
+    FIFO (``-o /dev/null`` as root must not turn /dev/null into a regular file)."""
+    return DirectFile(path, mode) if is_special(path) else AtomicFile(path, mode)
 
 
 def _umask() -> int:
@@ -198,4 +218,32 @@ class AtomicFile:
             Path(self.tmp).unlink(missing_ok=True)
 
 
-__all__ = ["AtomicFile", "StorageError", "check_writable", "remove_stale_temps", "temp_prefix"]
+class DirectFile:
+    """A device or FIFO opened for writing, with AtomicFile's interface (nothing to rename)."""
+
+    def __init__(self, path: str | Path, mode: str = "wb") -> None:
+        self.path = Path(path)
+        self.tmp = str(self.path)
+        self.handle: IO[Any] = open(  # noqa: SIM115 - closed by finish/abort
+            self.path, mode, **({"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {})
+        )
+
+    def finish(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+
+    def publish(self) -> None:
+        """Nothing to do: the data went straight to the device."""
+
+    def commit(self) -> None:
+        self.finish()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.handle.close()
+
+
+__all__ = [
+    "AtomicFile", "DirectFile", "StorageError", "check_writable", "is_special", "open_output", "remove_stale_temps",
+    "temp_prefix",
+]

@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from clipcli.atomic import AtomicFile, check_writable, remove_stale_temps
+from clipcli.atomic import AtomicFile, DirectFile, check_writable, is_special, open_output, remove_stale_temps
 from clipcli.errors import StorageError, UsageError, storage_error
 
 __all__ = [
@@ -97,7 +97,8 @@ def output_files(target: str, fmt: str) -> list[Path]:
     """The files an output to ``target`` in ``fmt`` consists of (none for stdout)."""
     if target == "-":
         return []
-    return [Path(target), sources_sidecar(target)] if fmt == "npy" else [Path(target)]
+    # A device or FIFO target (/dev/null) gets no sidecar: it would land in /dev.
+    return [Path(target), sources_sidecar(target)] if fmt == "npy" and not is_special(target) else [Path(target)]
 
 
 def prepare_output(target: str, fmt: str) -> None:
@@ -127,7 +128,7 @@ class Writer:
         self.dtype = np.dtype(out_dtype)
         self.count = 0
         self.dim = int(metadata.get("dim", 0))
-        self._files: list[AtomicFile] = []
+        self._files: list[AtomicFile | DirectFile] = []
         self._rows: IO[bytes] | None = None  # raw little-endian rows for npy/npz
         self._sources: list[str] = []
         self._closed = False
@@ -144,17 +145,13 @@ class Writer:
         """OSError -> abort + StorageError naming the output (``where``: another file)."""
         try:
             yield
-        except BrokenPipeError:
-            if self.target != "-":
-                self.abort()
-                raise storage_error(where or self._name, BrokenPipeError(32, "broken pipe")) from None
-            self.abort()
-            raise
         except OSError as exc:
             self.abort()
+            if isinstance(exc, BrokenPipeError) and self.target == "-":
+                raise  # the reader went away (`| head`): the CLI ends quietly
             raise storage_error(where or self._name, exc) from None
         except UnicodeEncodeError as exc:
-            # A source that is not encodable text (a non-UTF-8 file name): named, not a traceback.
+            # stdout in a locale that cannot encode a source (LANG=...ISO-8859-1): named, not a traceback.
             self.abort()
             raise StorageError(f"cannot write {where or self._name}: a source is not valid text ({exc.reason})") from None
 
@@ -165,7 +162,7 @@ class Writer:
             if to_stdout:
                 self._stream = sys.stdout
             else:
-                file = AtomicFile(self.target, "w")
+                file = open_output(self.target, "w")
                 self._files.append(file)
                 self._stream = file.handle
             if self.format == "json":
@@ -176,7 +173,7 @@ class Writer:
         else:
             # Rows wait in an anonymous file (gone with the process, even after SIGKILL) on the
             # output's own file system: one place to run out of space, named in the message.
-            spool_dir = None if to_stdout else (Path(self.target).parent if str(Path(self.target).parent) else Path("."))
+            spool_dir = None if to_stdout or is_special(self.target) else (Path(self.target).parent or Path("."))
             self._rows = tempfile.TemporaryFile(dir=spool_dir)
 
     # -- writing
@@ -264,14 +261,15 @@ class Writer:
                 np.lib.format.write_array(buffer, np.asarray(matrix), allow_pickle=False)
                 buffer.flush()
             else:
-                main = AtomicFile(self.target, "wb")
+                main = open_output(self.target, "wb")
                 self._files.append(main)
                 # Through .write(), not ndarray.tofile(): tofile reports a full disk as a short
                 # write without an errno ("64000 requested and 40928 written").
                 np.lib.format.write_array(_WriteOnly(main.handle), matrix, allow_pickle=False)
-                side = AtomicFile(sources_sidecar(self.target), "w")
-                self._files.append(side)
-                side.handle.write("".join(escape_line(s) + "\n" for s in self._sources))
+                if not is_special(self.target):
+                    side = open_output(sources_sidecar(self.target), "w")
+                    self._files.append(side)
+                    side.handle.write("".join(escape_line(s) + "\n" for s in self._sources))
         else:
             arrays = {
                 "embeddings": np.asarray(matrix),
@@ -284,7 +282,7 @@ class Writer:
                 sys.stdout.buffer.write(buffer.getvalue())
                 sys.stdout.buffer.flush()
             else:
-                main = AtomicFile(self.target, "wb")
+                main = open_output(self.target, "wb")
                 self._files.append(main)
                 np.savez(main.handle, **arrays)
         if self._rows is not None:

@@ -124,3 +124,25 @@ def test_stdout_on_a_full_device(tiny_model: str) -> None:
     with open("/dev/full", "wb") as full:
         result = run(["embed-text", "-", "--model", tiny_model], input=TEXTS, stdout=full)
     assert_one_error(result, 5, "cannot write stdout: no space left on the device")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "npy"])
+def test_devices_are_written_in_place_not_replaced(tiny_model: str, tmp_path: Path, fmt: str) -> None:
+    """``-o /dev/null`` (as root, a rename would turn /dev/null into a regular file) and a FIFO."""
+    import os
+    import stat
+    import threading
+
+    result = invoke(["embed-text", "a cat", "--model", tiny_model, "--format", fmt, "-o", "/dev/null"])
+    assert result.exit_code == 0, result.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and not os.path.exists("/dev/null.sources.txt")
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    result = invoke(["embed-text", "a cat", "--model", tiny_model, "--format", fmt, "-o", str(fifo)])
+    reader.join(60)
+    assert result.exit_code == 0, result.stderr
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and temps(tmp_path) == []
+    assert got and (got[0].startswith(b'{"source": "a cat"') if fmt == "jsonl" else got[0].startswith(b"\x93NUMPY"))
