@@ -146,3 +146,18 @@ def test_devices_are_written_in_place_not_replaced(tiny_model: str, tmp_path: Pa
     assert result.exit_code == 0, result.stderr
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and temps(tmp_path) == []
     assert got and (got[0].startswith(b'{"source": "a cat"') if fmt == "jsonl" else got[0].startswith(b"\x93NUMPY"))
+
+
+def test_a_stray_os_error_is_one_line_and_exit_5(capsys: pytest.CaptureFixture[str]) -> None:
+    """The net under every command: an OSError no library write path turned into a StorageError."""
+    import errno
+
+    import typer
+
+    from clipcli.cli.common import handle_errors
+
+    with pytest.raises(typer.Exit) as info:
+        with handle_errors():
+            raise OSError(errno.EIO, "Input/output error", "/data/out.tsv")
+    assert info.value.exit_code == 5
+    assert capsys.readouterr().err == "error: cannot write or read /data/out.tsv: input/output error\n"
