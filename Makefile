@@ -39,7 +39,7 @@ demo: install
 	$(BIN)/clipcli embed-text "a photo of a cat" "a cup of coffee" "a rocket launch" --model $(MODEL) \
 		--feature projected --normalize -o $(DEMO_OUT)/texts.json
 	$(BIN)/python -c "import numpy as np; a = np.load('$(DEMO_OUT)/images.npy'); \
-		names = open('$(DEMO_OUT)/images.sources.txt').read().split(); \
+		from clipcli.writers import read_sources; names = read_sources('$(DEMO_OUT)/images.npy'); \
 		print(f'{a.shape[0]} images -> {a.shape[1]}-d vectors in $(DEMO_OUT)/images.npy'); \
 		[print(f'  {n}: {v[:4].round(4)}...') for n, v in zip(names, a)]"
 

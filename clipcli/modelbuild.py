@@ -128,6 +128,7 @@ def build_checkpoint(
         model.save_pretrained(out)
         processor.save_pretrained(out)
         tokenizer.save_pretrained(out)
+    _ordinary_permissions(out)
     return {
         "path": str(out),
         "vision": asdict(vision),
@@ -137,3 +138,15 @@ def build_checkpoint(
         "tokenizer": tokenizer_from or "built-in byte-level vocabulary",
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def _ordinary_permissions(directory: Path) -> None:
+    """The user's umask for every file written: safetensors saves its file 0600, which breaks
+    checkpoints put on shared storage for other users or Ray workers."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)

@@ -138,3 +138,22 @@ def test_seed_decides_the_weights(tmp_path: Path, built: tuple[Path, dict]) -> N
     assert first.keys() == same.keys() == different.keys()
     assert all(np.array_equal(first[k], same[k]) for k in first)
     assert not all(np.array_equal(first[k], different[k]) for k in first)
+
+
+def test_new_model_files_get_the_users_umask(tmp_path):
+    import os
+    import stat
+
+    from clipcli.modelbuild import TextParams, VisionParams, build_checkpoint
+
+    previous = os.umask(0o027)
+    try:
+        build_checkpoint(tmp_path / "m", vision=VisionParams(hidden_size=16, num_attention_heads=2, num_hidden_layers=1,
+                                                            intermediate_size=16, image_size=16, patch_size=8),
+                         text=TextParams(vocab_size=600, hidden_size=16, num_attention_heads=2, num_hidden_layers=1,
+                                         intermediate_size=16), projection_dim=8)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == 0o640, modes
+    assert set(modes.values()) == {0o640}, modes

@@ -25,12 +25,18 @@ def _kwargs(revision: str | None) -> dict[str, Any]:
 
 def load_config(model: str, revision: str | None = None) -> Any:
     """Load a checkpoint's config; ModelError if it cannot be had or no family supports it."""
+    from clipcli.model import hub
+
+    went_offline = hub.prepare(model)
     try:
         with quiet_transformers():
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(model, **_kwargs(revision))
     except Exception as exc:
+        if went_offline:
+            hint = hub.NO_NETWORK_HINT.format(endpoint=hub.endpoint())
+            raise ModelError(f"cannot load model {model!r}: {hint}") from exc
         raise cannot_load(model, exc) from exc
     family_for(config.model_type, model)  # refuse unknown model types here, with the list
     return config
