@@ -1,4 +1,5 @@
-"""Real faults for the batch fault tests: a small tmpfs (as root), filling it to the brim,
+"""Real faults for the fault tests (batch here; output, input and settings helpers in
+io_fault_helpers.py build on these): a small tmpfs (as root), filling it to the brim,
 read-only file systems, RLIMIT_FSIZE, and ``python -m clipcli`` subprocesses paused at a
 named point (``CLIPCLI_TEST_PAUSE_AT``, see :func:`clipcli.batch.storage.pause_at`)."""
 
@@ -73,11 +74,14 @@ class Paused:
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size: str = "2m") -> Iterator[Path]:
-    """A real tmpfs of ``size`` mounted at ``path`` (root only), unmounted afterwards."""
+def tmpfs(path: Path, size: str = "2m", *, read_only: bool = False) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (e.g. "256k") mounted at ``path`` (root only), unmounted afterwards."""
+    assert IS_ROOT
     path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs", str(path)], check=True)
     try:
+        if read_only:
+            remount(path, "ro")
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
@@ -88,21 +92,25 @@ def remount(path: Path, mode: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
 
 
-def fill(directory: Path) -> Path:
-    """Fill the file system of ``directory`` to the brim with a ballast file; return it."""
+def fill(directory: Path, leave: int = 0) -> Path:
+    """Fill the file system of ``directory`` with a ballast file, to the brim or leaving
+    ``leave`` bytes free; return the ballast."""
     ballast = directory / "ballast"
     chunk = b"\0" * 65536
     with open(ballast, "wb", buffering=0) as handle:
         for size in (65536, 4096, 512, 1):
             block = chunk[:size]
             while True:
+                stats = os.statvfs(directory)
+                if leave and stats.f_bavail * stats.f_frsize <= leave + size:
+                    break
                 try:
                     handle.write(block)
                 except OSError as exc:
                     assert exc.errno == errno.ENOSPC
                     break
-    st = os.statvfs(directory)
-    assert st.f_bavail == 0, "the file system should be full"
+    if not leave:
+        assert os.statvfs(directory).f_bavail == 0, "the file system should be full"
     return ballast
 
 
