@@ -527,7 +527,7 @@ def test_collect_texts_reports_unreadable_file(tmp_path: Path) -> None:
 def test_quiet_prints_only_skips_and_sigterm_is_an_interrupt(tiny_model: str, photos: Path, tmp_path: Path) -> None:
     import signal
 
-    from clipcli.cli.batch_cmd import sigterm_as_interrupt
+    from clipcli.cli.common import signals_as_interrupt
 
     (photos / "x.jpg").write_text("nope")
     result = cli(str(photos), "-o", str(tmp_path / "out"), "-m", tiny_model, "--quiet")
@@ -536,7 +536,7 @@ def test_quiet_prints_only_skips_and_sigterm_is_an_interrupt(tiny_model: str, ph
     assert line.startswith(f"skipping {photos / 'x.jpg'}: ")
     assert result.stdout == ""
     previous = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+    with pytest.raises(KeyboardInterrupt), signals_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is previous

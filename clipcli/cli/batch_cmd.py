@@ -48,8 +48,8 @@ from clipcli.cli.common import (
     VerboseOpt,
     handle_errors,
     settings_from,
+    signals_as_interrupt,
 )
-from clipcli.cli.batch_signals import signals_as_interrupt, sigterm_as_interrupt  # noqa: F401 - the old name, re-exported
 from clipcli.errors import UsageError
 
 if TYPE_CHECKING:

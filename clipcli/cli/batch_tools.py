@@ -10,8 +10,7 @@ from typing import Annotated
 import click
 import typer
 
-from clipcli.cli.batch_signals import signals_as_interrupt
-from clipcli.cli.common import EXIT_INPUTS_FAILED, EXIT_OK, QuietOpt, Reporter, handle_errors
+from clipcli.cli.common import EXIT_INPUTS_FAILED, EXIT_OK, QuietOpt, Reporter, handle_errors, signals_as_interrupt
 
 MERGE_HELP = """Merge batch OUTDIRs (e.g. the parts of a --shard I/N split) into one result.
 

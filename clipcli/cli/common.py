@@ -150,6 +150,10 @@ def signals_as_interrupt() -> Iterator[None]:
         if signum is None or signal.getsignal(signum) == signal.SIG_IGN:
             continue
         previous[signum] = signal.signal(signum, handler)
+    if hasattr(signal, "SIGXFSZ"):
+        # A file size limit (`ulimit -f`) is then an EFBIG write error with a message (exit 5),
+        # not a silent core dump. CPython ignores it at start-up; an embedding host may not.
+        previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         yield
     finally:
