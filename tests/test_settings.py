@@ -307,3 +307,15 @@ def test_write_goes_through_a_symlink(tmp_path: Path) -> None:
     S.set_value("workers", "5", path=link)
     assert link.is_symlink()
     assert tomllib.loads(real.read_text(encoding="utf-8"))["workers"] == 5
+
+
+def test_the_readme_lists_every_settings_key():
+    import re
+    from pathlib import Path
+
+    from clipcli.settings import KEYS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    listed = re.search(r"^Keys: `([^`]+)`", readme, re.M)
+    assert listed is not None
+    assert listed.group(1).split() == list(KEYS)
