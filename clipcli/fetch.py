@@ -31,7 +31,7 @@ from requests.adapters import HTTPAdapter
 
 from clipcli.errors import InputError
 from clipcli.sources import check_url_scheme, has_url_scheme, is_url  # noqa: F401 - re-exported
-from clipcli.images import looks_like_html, sniff_image_format
+from clipcli.sniff import looks_like_html, sniff_image_format
 
 MAX_RETRY_AFTER = 30.0  # seconds; a longer Retry-After gives up instead of waiting
 _CHUNK = 64 * 1024

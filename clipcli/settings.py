@@ -7,24 +7,22 @@ variable > settings file > built-in default. :func:`resolve` returns the effecti
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
 import os
-import stat
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clipcli.errors import ConfigError
+from clipcli.settings_file import MAX_FILE_BYTES, read_toml as _read_toml
+from clipcli.settings_file import write_file as _write_file
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): the same parser, as a package
-    import tomli as tomllib  # type: ignore[no-redef]
+__all__ = [
+    "KEYS", "MAX_FILE_BYTES", "RANGES", "Resolved", "Settings", "config_path", "parse_value", "read_file", "resolve",
+    "set_value", "unset_value", "write_file",
+]
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 APP_NAME = "clipcli"
@@ -61,46 +59,59 @@ def _parse_bool(raw: Any) -> bool:
     raise ValueError("expected true or false")
 
 
-def _positive_int(raw: Any) -> int:
-    if isinstance(raw, bool):
-        raise ValueError("expected a positive integer")
+def _int(raw: Any, low: int, high: int) -> int:
+    expected = f"expected an integer from {low} to {high}"
+    if isinstance(raw, bool) or isinstance(raw, float):
+        raise ValueError(expected)
     try:
-        value = int(str(raw).replace("_", "")) if not isinstance(raw, int) else raw
+        # Digits only (and _ separators): int() of a 100000-digit string is itself slow.
+        text = str(raw).strip().replace("_", "")
+        if not isinstance(raw, int) and (len(text) > 20 or not text.lstrip("+-").isdigit()):
+            raise ValueError
+        value = raw if isinstance(raw, int) else int(text)
     except ValueError:
-        raise ValueError("expected a positive integer") from None
-    if value <= 0:
-        raise ValueError("expected a positive integer")
+        raise ValueError(expected) from None
+    if not low <= value <= high:
+        raise ValueError(expected)
     return value
 
 
-def _optional_positive_int(raw: Any) -> int | None:
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none")):
-        return None
-    return _positive_int(raw)
+def _bounded_int(key: str) -> Callable[[Any], int]:
+    low, high = RANGES[key]
+
+    def parse(raw: Any) -> int:
+        return _int(raw, int(low), int(high))
+
+    return parse
 
 
-def _non_negative_int(raw: Any) -> int:
-    if isinstance(raw, bool):
-        raise ValueError("expected an integer >= 0")
-    try:
-        value = int(str(raw)) if not isinstance(raw, int) else raw
-    except ValueError:
-        raise ValueError("expected an integer >= 0") from None
-    if value < 0:
-        raise ValueError("expected an integer >= 0")
-    return value
+def _optional_bounded_int(key: str) -> Callable[[Any], int | None]:
+    low, high = RANGES[key]
+
+    def parse(raw: Any) -> int | None:
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none")):
+            return None
+        return _int(raw, int(low), int(high))
+
+    return parse
 
 
-def _positive_float(raw: Any) -> float:
-    if isinstance(raw, bool):
-        raise ValueError("expected a positive number")
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ValueError("expected a positive number") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError("expected a positive number")
-    return value
+def _bounded_float(key: str) -> Callable[[Any], float]:
+    low, high = RANGES[key]
+    expected = f"expected a number greater than {low} and at most {high}"
+
+    def parse(raw: Any) -> float:
+        if isinstance(raw, bool):
+            raise ValueError(expected)
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(expected) from None
+        if not (math.isfinite(value) and low < value <= high):
+            raise ValueError(expected)
+        return value
+
+    return parse
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
@@ -157,6 +168,20 @@ def _optional_quantize(raw: Any) -> str | None:
     return _choice("int8")(raw)
 
 
+# Ranges of the numeric keys, checked when a value is parsed (flag, env or file), so a typo
+# like `resize 100000` is one error line, not gigabytes allocated first. README lists them.
+RANGES: dict[str, tuple[float, float]] = {
+    "batch_size": (1, 8192),
+    "resize": (1, 4096),
+    "crop_size": (1, 4096),
+    "timeout": (0, 3600),  # exclusive low: seconds, > 0
+    "retries": (0, 100),
+    "max_bytes": (1, 4 << 30),
+    "max_pixels": (1, 1 << 30),
+    "workers": (0, 256),
+}
+
+
 @dataclass(frozen=True)
 class KeySpec:
     """One settings key: its parser and a one-line description."""
@@ -172,20 +197,20 @@ KEYS: dict[str, KeySpec] = {
     "dtype": KeySpec(_choice("auto", "float32", "float16", "bfloat16"), "model dtype"),
     "feature": KeySpec(_choice("pooled", "projected"), "pooled tower output or projected joint space"),
     "normalize": KeySpec(_parse_bool, "L2-normalise vectors"),
-    "batch_size": KeySpec(_positive_int, "inputs per forward pass"),
+    "batch_size": KeySpec(_bounded_int("batch_size"), "inputs per forward pass"),
     "format": KeySpec(_choice(*FORMATS), "output format (auto: from the file extension, jsonl on stdout)"),
     "out_dtype": KeySpec(_choice("float32", "float16"), "dtype of written vectors"),
     "preprocess": KeySpec(_choice("clip", "imagenet"), "preprocessing preset"),
-    "resize": KeySpec(_optional_positive_int, "resize shortest edge to this many pixels"),
-    "crop_size": KeySpec(_optional_positive_int, "center-crop size in pixels"),
+    "resize": KeySpec(_optional_bounded_int("resize"), "resize shortest edge to this many pixels"),
+    "crop_size": KeySpec(_optional_bounded_int("crop_size"), "center-crop size in pixels"),
     "mean": KeySpec(_optional_triple("mean"), "normalisation mean, 3 numbers"),
     "std": KeySpec(_optional_triple("std"), "normalisation std, 3 numbers"),
     "resample": KeySpec(_optional_resample, "resize filter: " + ", ".join(RESAMPLE_NAMES)),
-    "timeout": KeySpec(_positive_float, "URL connect/read timeout in seconds"),
-    "retries": KeySpec(_non_negative_int, "URL retries on connection errors, 429 and 5xx"),
-    "max_bytes": KeySpec(_positive_int, "largest URL download in bytes"),
-    "max_pixels": KeySpec(_positive_int, "largest image in pixels (decompression-bomb guard)"),
-    "workers": KeySpec(_non_negative_int, "loader threads (0: automatic)"),
+    "timeout": KeySpec(_bounded_float("timeout"), "URL connect/read timeout in seconds"),
+    "retries": KeySpec(_bounded_int("retries"), "URL retries on connection errors, 429 and 5xx"),
+    "max_bytes": KeySpec(_bounded_int("max_bytes"), "largest URL download in bytes"),
+    "max_pixels": KeySpec(_bounded_int("max_pixels"), "largest image in pixels (decompression-bomb guard)"),
+    "workers": KeySpec(_bounded_int("workers"), "loader threads (0: automatic)"),
     "quantize": KeySpec(_optional_quantize, "int8: dynamic int8 quantisation on CPU (opt-in), none: off"),
     "fast_decode": KeySpec(_parse_bool, "decode large JPEGs at reduced size (opt-in; vectors differ slightly)"),
     "compile": KeySpec(_parse_bool, "torch.compile the model (opt-in)"),
@@ -257,18 +282,9 @@ def parse_value(key: str, raw: Any, *, origin: str) -> Any:
         raise ConfigError(f"invalid value {raw!r} for {key} ({origin}): {exc}") from None
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    """The raw TOML table of ``path`` ({} when it does not exist), not validated."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read settings file {path}: {exc}") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"settings file {path} is not valid TOML: {exc}") from None
+def write_file(path: Path, data: Mapping[str, Any]) -> None:
+    """Write the settings file atomically, known keys first (StorageError, exit 5, on failure)."""
+    _write_file(path, data, list(KEYS))
 
 
 def read_file(path: Path) -> dict[str, Any]:
@@ -277,73 +293,6 @@ def read_file(path: Path) -> dict[str, Any]:
     for key, raw in data.items():
         parse_value(key, raw, origin=f"settings file {path}")
     return data
-
-
-def _toml_string(text: str) -> str:
-    # JSON's string escapes are all valid TOML basic-string escapes; TOML forbids a raw DEL.
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    return _toml_string(str(value))
-
-
-def _toml_key(key: str) -> str:
-    bare = key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key)
-    return key if bare else _toml_string(key)
-
-
-def _dump_toml(data: Mapping[str, Any]) -> str:
-    """TOML text for ``data``: known keys in KEYS order, then anything else (kept, not lost)."""
-    lines = ["# clipcli settings; edit with `clipcli config set KEY VALUE`"]
-    ordered = [key for key in KEYS if key in data] + [key for key in data if key not in KEYS]
-    for key in ordered:
-        value = data[key]
-        if value is None:  # TOML has no null: an unset optional value is simply absent
-            continue
-        if isinstance(value, tuple):
-            value = [float(v) for v in value]
-        lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def write_file(path: Path, data: Mapping[str, Any]) -> None:
-    """Write the settings file atomically (temp file in the same directory, fsync, rename)."""
-    # Write through a symlinked settings file (dotfiles repos) instead of replacing the link.
-    path = Path(os.path.realpath(path))
-    text = _dump_toml(data)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise ConfigError(f"cannot write settings file {path}: {exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            with contextlib.suppress(OSError):  # keep the permissions of the file we replace
-                os.chmod(handle.fileno(), stat.S_IMODE(path.stat().st_mode))
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ConfigError(f"cannot write settings file {path}: {exc}") from None
-        raise
 
 
 def resolve(

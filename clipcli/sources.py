@@ -7,8 +7,8 @@ can be printed back in messages and written to outputs unchanged.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from typing import TextIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any
 
 from clipcli.errors import InputError
 
@@ -43,23 +43,50 @@ def check_url_scheme(ref: str) -> None:
     raise InputError(f"unsupported URL scheme {scheme!r} (only http and https)", stage="fetch")
 
 
-def read_lines(stream: TextIO) -> Iterator[str]:
-    """Lines of a stream without their line ending; blank lines skipped. Lazy."""
+def read_lines(stream: IO[Any]) -> Iterator[str]:
+    """Lines of a text stream without their line ending; blank lines skipped. Lazy.
+
+    Kept for library callers; the CLI reads stdin and files with :mod:`clipcli.textlines`,
+    which bounds line length and handles invalid UTF-8 per line.
+    """
     for line in stream:
         line = line.rstrip("\r\n")
         if line.strip():
             yield line
 
 
-def expand_stdin(args: Iterable[str], stdin: TextIO) -> Iterator[str]:
-    """Yield arguments in order, replacing ``-`` with the lines read from ``stdin``."""
+def binary_stdin(stdin: IO[Any] | None = None) -> IO[Any]:
+    """The byte stream under ``stdin`` (``sys.stdin`` by default), or it when it has none."""
+    import sys
+
+    stream = sys.stdin if stdin is None else stdin
+    return getattr(stream, "buffer", stream)
+
+
+def expand_stdin(
+    args: Iterable[str], stdin: IO[Any], on_bad: Callable[[str, str], None] | None = None
+) -> Iterator[str]:
+    """Yield arguments in order, replacing ``-`` with the references read from ``stdin``.
+
+    Lines are file names or URLs, decoded as the OS decodes file names (a non-UTF-8 name still
+    opens); a line over 64 KiB is no path and is passed to ``on_bad(where, reason)`` as
+    ``-:LINE`` (dropped when ``on_bad`` is None).
+    """
+    from clipcli.textlines import MAX_REF_BYTES, BadLine, read_lines as read_text_lines
+
     used = False
     for arg in args:
         if arg == STDIN:
             if used:
                 continue  # stdin can be read only once
             used = True
-            yield from read_lines(stdin)
+            for line in read_text_lines(binary_stdin(stdin), STDIN, max_line_bytes=MAX_REF_BYTES, decode="fs",
+                                        cut_long=False):
+                if isinstance(line, BadLine):
+                    if on_bad is not None:
+                        on_bad(line.where, line.reason)
+                else:
+                    yield line.text
         else:
             yield arg
 
@@ -80,3 +107,13 @@ def safe_display(ref: str, limit: int = 300) -> str:
             out.append(ch.encode("unicode_escape").decode("ascii"))
     text = "".join(out)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` as it can be written to a UTF-8 file: a name that is not valid UTF-8 (lone
+    surrogates from ``os.fsdecode``) keeps readable backslash escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

@@ -10,18 +10,25 @@ arrives); the other formats are documents and are written when the run ends.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from clipcli.errors import UsageError
+from clipcli.atomic import AtomicFile, DirectFile, check_writable, is_special, open_output, remove_stale_temps
+from clipcli.errors import StorageError, UsageError, storage_error
+from clipcli.sources import utf8_safe
+
+__all__ = [
+    "AtomicFile", "Writer", "escape_line", "infer_format", "output_files", "prepare_output", "read_sources",
+    "sources_sidecar", "unescape_line",
+]
 
 FORMATS = ("jsonl", "json", "npy", "npz", "tsv")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".npy": "npy", ".npz": "npz", ".tsv": "tsv"}
@@ -71,39 +78,39 @@ def unescape_line(text: str) -> str:
     return "".join(out)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+class _WriteOnly:
+    """A file seen only through ``write`` (so numpy writes in chunks, and errors keep errno)."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.write = handle.write
 
 
-class AtomicFile:
-    """A temporary file beside ``path`` that becomes ``path`` only on :meth:`commit`."""
+def output_files(target: str, fmt: str) -> list[Path]:
+    """The files an output to ``target`` in ``fmt`` consists of (none for stdout)."""
+    if target == "-":
+        return []
+    # A device or FIFO target (/dev/null) gets no sidecar: it would land in /dev.
+    return [Path(target), sources_sidecar(target)] if fmt == "npy" and not is_special(target) else [Path(target)]
 
-    def __init__(self, path: str | Path, mode: str = "wb") -> None:
-        self.path = Path(path)
-        directory = self.path.parent if str(self.path.parent) else Path(".")
-        if not directory.is_dir():
-            raise UsageError(f"cannot write {self.path}: directory {directory} does not exist")
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        self.handle: IO[Any] = os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {}))
 
-    def commit(self) -> None:
-        self.handle.flush()
-        # mkstemp creates 0600; give the output the permissions a plain open() would have.
-        os.fchmod(self.handle.fileno(), 0o666 & ~_umask())
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        os.replace(self.tmp, self.path)
+def prepare_output(target: str, fmt: str) -> None:
+    """Before the work: remove killed runs' temp files for this output, check it can be written.
 
-    def abort(self) -> None:
-        if not self.handle.closed:
-            self.handle.close()
-        Path(self.tmp).unlink(missing_ok=True)
+    Raises UsageError (exit 2) for a missing directory, StorageError (exit 5) for a read-only,
+    full or forbidden one, so a cron job on a full disk fails in a second, not after the model ran.
+    """
+    for path in output_files(target, fmt):
+        remove_stale_temps(path)
+        check_writable(path)
 
 
 class Writer:
-    """Collects embedded items and writes them in one format to stdout or a file."""
+    """Collects embedded items and writes them in one format to stdout or a file.
+
+    Any OS error while writing (disk full, quota, read-only, I/O error, file size limit) aborts
+    the output (temp files removed, a previous file at the target untouched) and is raised as
+    :class:`StorageError` naming the target. A closed pipe on stdout stays a BrokenPipeError.
+    """
 
     def __init__(self, target: str, fmt: str, metadata: dict[str, Any], *, out_dtype: str = "float32") -> None:
         self.target = target
@@ -113,12 +120,32 @@ class Writer:
         self.dtype = np.dtype(out_dtype)
         self.count = 0
         self.dim = int(metadata.get("dim", 0))
-        self._files: list[AtomicFile] = []
+        self._files: list[AtomicFile | DirectFile] = []
         self._rows: IO[bytes] | None = None  # raw little-endian rows for npy/npz
         self._sources: list[str] = []
         self._closed = False
         self._stream: IO[str] | None = None
-        self._text_open()
+        with self._guard():
+            self._text_open()
+
+    @property
+    def _name(self) -> str:
+        return "stdout" if self.target == "-" else self.target
+
+    @contextlib.contextmanager
+    def _guard(self, where: str | None = None) -> Iterator[None]:
+        """OSError -> abort + StorageError naming the output (``where``: another file)."""
+        try:
+            yield
+        except OSError as exc:
+            self.abort()
+            if isinstance(exc, BrokenPipeError) and self.target == "-":
+                raise  # the reader went away (`| head`): the CLI ends quietly
+            raise storage_error(where or self._name, exc) from None
+        except UnicodeEncodeError as exc:
+            # stdout in a locale that cannot encode a source (LANG=...ISO-8859-1): named, not a traceback.
+            self.abort()
+            raise StorageError(f"cannot write {where or self._name}: a source is not valid text ({exc.reason})") from None
 
     # -- setup
     def _text_open(self) -> None:
@@ -127,7 +154,7 @@ class Writer:
             if to_stdout:
                 self._stream = sys.stdout
             else:
-                file = AtomicFile(self.target, "w")
+                file = open_output(self.target, "w")
                 self._files.append(file)
                 self._stream = file.handle
             if self.format == "json":
@@ -136,17 +163,27 @@ class Writer:
                 # Stream the items array after the metadata: memory stays flat for any N.
                 self._stream.write(text[:-1] + ', "items": [')
         else:
-            self._rows = tempfile.TemporaryFile()
+            # Rows wait in an anonymous file (gone with the process, even after SIGKILL) on the
+            # output's own file system: one place to run out of space, named in the message.
+            spool_dir = None if to_stdout or is_special(self.target) else (Path(self.target).parent or Path("."))
+            self._rows = tempfile.TemporaryFile(dir=spool_dir)
 
     # -- writing
     def write(self, items: Sequence[Any]) -> None:
         """Write embedded items (objects with ``source`` and ``vector``), in order."""
         if not items:
             return
+        where = None
+        if self._rows is not None and self.target == "-":
+            where = f"a temporary file in {tempfile.gettempdir()} (for stdout)"
+        with self._guard(where):
+            self._write(items)
+
+    def _write(self, items: Sequence[Any]) -> None:
         matrix = np.stack([np.asarray(item.vector) for item in items]).astype(self.dtype)
         if self.dim == 0:
             self.dim = matrix.shape[1]
-        sources = [item.source for item in items]
+        sources = [utf8_safe(item.source) for item in items]
         if self.format == "jsonl":
             assert self._stream is not None
             lines = [
@@ -173,26 +210,32 @@ class Writer:
 
     # -- finishing
     def close(self) -> None:
-        """Finish the output and move files into place."""
+        """Finish the output and move files into place (all fsynced before any is renamed)."""
         if self._closed:
             return
-        self._closed = True
-        if self.format == "json":
-            assert self._stream is not None
-            self._stream.write("]}\n")
-            self._stream.flush()
-        elif self.format in ("npy", "npz"):
-            self._finish_binary()
-        for file in self._files:
-            file.commit()
+        with self._guard():
+            if self.format == "json":
+                assert self._stream is not None
+                self._stream.write("]}\n")
+                self._stream.flush()
+            elif self.format in ("npy", "npz"):
+                self._finish_binary()
+            for file in self._files:
+                file.finish()
+            # Renames need no space: once every file is complete and durable, the .npy and its
+            # sidecar are put in place together.
+            for file in self._files:
+                file.publish()
+            self._closed = True
 
     def abort(self) -> None:
-        """Drop everything not yet committed (files are never left half-written)."""
+        """Drop everything not yet committed (files are never left half-written). Never raises."""
         self._closed = True
         for file in self._files:
             file.abort()
         if self._rows is not None:
-            self._rows.close()
+            with contextlib.suppress(OSError):
+                self._rows.close()
 
     def _matrix(self) -> np.ndarray:
         assert self._rows is not None
@@ -210,12 +253,15 @@ class Writer:
                 np.lib.format.write_array(buffer, np.asarray(matrix), allow_pickle=False)
                 buffer.flush()
             else:
-                main = AtomicFile(self.target, "wb")
+                main = open_output(self.target, "wb")
                 self._files.append(main)
-                np.lib.format.write_array(main.handle, matrix, allow_pickle=False)
-                side = AtomicFile(sources_sidecar(self.target), "w")
-                self._files.append(side)
-                side.handle.write("".join(escape_line(s) + "\n" for s in self._sources))
+                # Through .write(), not ndarray.tofile(): tofile reports a full disk as a short
+                # write without an errno ("64000 requested and 40928 written").
+                np.lib.format.write_array(_WriteOnly(main.handle), matrix, allow_pickle=False)
+                if not is_special(self.target):
+                    side = open_output(sources_sidecar(self.target), "w")
+                    self._files.append(side)
+                    side.handle.write("".join(escape_line(s) + "\n" for s in self._sources))
         else:
             arrays = {
                 "embeddings": np.asarray(matrix),
@@ -228,7 +274,7 @@ class Writer:
                 sys.stdout.buffer.write(buffer.getvalue())
                 sys.stdout.buffer.flush()
             else:
-                main = AtomicFile(self.target, "wb")
+                main = open_output(self.target, "wb")
                 self._files.append(main)
                 np.savez(main.handle, **arrays)
         if self._rows is not None:

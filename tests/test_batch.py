@@ -388,7 +388,12 @@ def test_from_file_stdin_and_list(tiny_model: str, photos: Path, tmp_path: Path)
     assert errors["source"] == "ftp://example.com/y.jpg" and "scheme" in errors["reason"]
     list_file = tmp_path / "list.txt"
     list_file.write_text(f"{photos / 'b.png'}\n")
+    # The new list drops both rows: the mass-deletion guard refuses, the output stays.
+    before = (out / "embeddings.npy").read_bytes()
     result = cli("--from-file", str(list_file), "-o", str(out), "-m", tiny_model, "--max-errors", "1")
+    assert result.exit_code == 2 and "--allow-deletions" in result.stderr
+    assert (out / "embeddings.npy").read_bytes() == before
+    result = cli("--from-file", str(list_file), "-o", str(out), "-m", tiny_model, "--max-errors", "1", "--allow-deletions")
     assert result.exit_code == 0
     assert counts(out)["embedded"] == 1 and counts(out)["deleted"] == 2
 
@@ -522,7 +527,7 @@ def test_collect_texts_reports_unreadable_file(tmp_path: Path) -> None:
 def test_quiet_prints_only_skips_and_sigterm_is_an_interrupt(tiny_model: str, photos: Path, tmp_path: Path) -> None:
     import signal
 
-    from clipcli.cli.batch_cmd import sigterm_as_interrupt
+    from clipcli.cli.common import signals_as_interrupt
 
     (photos / "x.jpg").write_text("nope")
     result = cli(str(photos), "-o", str(tmp_path / "out"), "-m", tiny_model, "--quiet")
@@ -531,7 +536,7 @@ def test_quiet_prints_only_skips_and_sigterm_is_an_interrupt(tiny_model: str, ph
     assert line.startswith(f"skipping {photos / 'x.jpg'}: ")
     assert result.stdout == ""
     previous = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+    with pytest.raises(KeyboardInterrupt), signals_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is previous

@@ -169,7 +169,7 @@ def test_set_unset_roundtrip_via_cli() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
-    [("batch_size", "0", "expected a positive integer"), ("colour", "red", "valid keys: model"),
+    [("batch_size", "0", "expected an integer from 1 to 8192"), ("colour", "red", "valid keys: model"),
      ("feature", "both", "expected one of: pooled, projected"), ("mean", "1,2", "expected 3 numbers"),
      ("std", "0,1,1", "std values must be > 0"), ("resample", "sinc", "expected one of: nearest")],
 )
@@ -259,8 +259,8 @@ def test_config_show_does_not_import_torch_or_transformers(tmp_path: Path) -> No
      ("--std", "0,1,1", "std values must be > 0"),
      ("--std", "1,1", "expected 3 numbers for the std"),
      ("--std", "inf,1,1", "finite"),
-     ("--resize", "0", "expected a positive integer"),
-     ("--crop-size", "-4", "expected a positive integer"),
+     ("--resize", "0", "expected an integer from 1 to 4096"),
+     ("--crop-size", "-4", "expected an integer from 1 to 4096"),
      ("--resample", "sinc", "expected one of: nearest"),
      ("--preprocess", "inception", "expected one of: clip, imagenet")],
 )

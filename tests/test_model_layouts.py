@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import CLIP_LAYOUTS, PROJECTION, SIGLIP_LAYOUTS, build_clip, build_siglip
+from checkpoints import PROJECTION, SIGLIP_LAYOUTS, build_clip, build_siglip
 from clipcli.encoder import Encoder
 from clipcli.errors import ModelError
 from clipcli.model.runtime import quiet_transformers

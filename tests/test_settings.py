@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from clipcli import settings as S
-from clipcli.errors import ConfigError
+from clipcli.errors import ConfigError, StorageError
 
 # key -> (file value as TOML stores it, env text, flag as the CLI passes it, expected per layer)
 MATRIX: dict[str, dict[str, Any]] = {
@@ -117,9 +117,9 @@ def test_not_utf8_file_is_an_error(cfg: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("batch_size = 0\n", "expected a positive integer"),
-        ("batch_size = 2.5\n", "expected a positive integer"),
-        ('batch_size = "lots"\n', "expected a positive integer"),
+        ("batch_size = 0\n", "expected an integer from 1 to 8192"),
+        ("batch_size = 2.5\n", "expected an integer from 1 to 8192"),
+        ('batch_size = "lots"\n', "expected an integer from 1 to 8192"),
         ('feature = "middle"\n', "expected one of: pooled, projected"),
         ('device = "tpu"\n', "expected auto, cpu, cuda, cuda:N or mps"),
         ("mean = [0.5, 0.5]\n", "expected 3 numbers"),
@@ -128,8 +128,8 @@ def test_not_utf8_file_is_an_error(cfg: Path) -> None:
         ("mean = [true, 0, 0]\n", "expected 3 numbers"),
         ("normalize = 3\n", "expected true or false"),
         ('resample = "sinc"\n', "expected one of: nearest"),
-        ("timeout = -1\n", "expected a positive number"),
-        ("retries = -1\n", "expected an integer >= 0"),
+        ("timeout = -1\n", "expected a number greater than 0 and at most 3600"),
+        ("retries = -1\n", "expected an integer from 0 to 100"),
     ],
 )
 def test_invalid_value_in_file(cfg: Path, text: str, expected: str) -> None:
@@ -285,7 +285,7 @@ def test_failed_write_keeps_the_old_file_and_cleans_up(cfg: Path, monkeypatch: p
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(S.os, "replace", broken_replace)
-    with pytest.raises(ConfigError, match="cannot write settings file"):
+    with pytest.raises(StorageError, match="cannot write settings file .*: no space left on the device"):
         S.set_value("batch_size", "9", path=cfg)
     assert cfg.read_bytes() == before
     assert sorted(p.name for p in cfg.parent.iterdir()) == ["config.toml"]
@@ -307,3 +307,15 @@ def test_write_goes_through_a_symlink(tmp_path: Path) -> None:
     S.set_value("workers", "5", path=link)
     assert link.is_symlink()
     assert tomllib.loads(real.read_text(encoding="utf-8"))["workers"] == 5
+
+
+def test_the_readme_lists_every_settings_key():
+    import re
+    from pathlib import Path
+
+    from clipcli.settings import KEYS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    listed = re.search(r"^Keys: `([^`]+)`", readme, re.M)
+    assert listed is not None
+    assert listed.group(1).split() == list(KEYS)

@@ -188,6 +188,9 @@ def collect_texts(files: Sequence[str], text_field: str | None = None, stdin: Te
             continue
         seen_files.add(path)
         fmt = text_format(path, text_field)
+        if fmt in ("lines", "jsonl"):
+            _read_per_line(path, fmt, text_field or "", stdin, out)
+            continue
         if path == "-":
             content = (stdin if stdin is not None else sys.stdin).read()
         else:
@@ -195,47 +198,60 @@ def collect_texts(files: Sequence[str], text_field: str | None = None, stdin: Te
                 with open(path, "rb") as handle:
                     data = handle.read()
             except OSError as exc:
-                reason = "no such file" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc)).lower()
-                out.failures.append(Failed(path, "read", reason))
+                out.failures.append(Failed(path, "read", _read_reason(exc)))
                 continue
             try:
                 content = data.decode("utf-8-sig")
             except UnicodeDecodeError as exc:
                 out.failures.append(Failed(path, "read", f"not UTF-8 text (byte {exc.start})"))
                 continue
-        if fmt == "lines":
-            out.texts.extend(_plain_lines(path, content))
-        elif fmt == "jsonl":
-            _jsonl(path, content, text_field or "", out)
-        else:
-            _csv(path, content, text_field or "", out)
+        _csv(path, content, text_field or "", out)
     out.texts.sort(key=lambda t: (t.file, t.line))
     return out
 
 
-def _split_lines(content: str) -> Iterator[tuple[int, str]]:
-    # Only \n ends a line (as for sed, wc and editors); a trailing \r is dropped.
-    for number, line in enumerate(content.split("\n"), start=1):
-        yield number, line[:-1] if line.endswith("\r") else line
+def _read_reason(exc: OSError) -> str:
+    return "no such file" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc)).lower()
 
 
-def _plain_lines(path: str, content: str) -> Iterator[TextRecord]:
-    for number, line in _split_lines(content):
-        if line.strip():
-            yield TextRecord(f"{path}:{number}", path, number, line)
+def _read_per_line(path: str, fmt: str, name: str, stdin: TextIO | None, out: Collection) -> None:
+    """Plain or JSON Lines texts, line by line: a line that is not UTF-8 (or not JSON) is one
+    failure, the rest of the file is still read; memory per line is bounded (textlines)."""
+    import sys
+
+    from clipcli.textlines import read_lines
+
+    if path == "-":
+        stream = stdin if stdin is not None else sys.stdin
+        _add_lines(read_lines(getattr(stream, "buffer", stream), path), path, fmt, name, out)
+        return
+    try:
+        with open(path, "rb") as handle:
+            _add_lines(read_lines(handle, path), path, fmt, name, out)
+    except OSError as exc:
+        out.failures.append(Failed(path, "read", _read_reason(exc)))
 
 
-def _jsonl(path: str, content: str, name: str, out: Collection) -> None:
-    for number, line in _split_lines(content):
-        if not line.strip():
+def _add_lines(lines: Iterable[Any], path: str, fmt: str, name: str, out: Collection) -> None:
+    from clipcli.textlines import BadLine
+
+    for line in lines:
+        if isinstance(line, BadLine):
+            out.failures.append(Failed(line.where, "read", line.reason))
             continue
-        source = f"{path}:{number}"
+        text = line.text
+        if not text.strip():
+            continue
+        number = int(line.where.rsplit(":", 1)[1])
+        if fmt == "lines":
+            out.texts.append(TextRecord(line.where, path, number, text))
+            continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            out.failures.append(Failed(source, "read", f"invalid JSON: {exc.msg}"))
+            out.failures.append(Failed(line.where, "read", f"invalid JSON: {exc.msg}"))
             continue
-        _field(obj, name, source, path, number, out)
+        _field(obj, name, line.where, path, number, out)
 
 
 def _csv(path: str, content: str, name: str, out: Collection) -> None:

@@ -9,13 +9,16 @@
       index.jsonl            N lines: the source of row i and what identifies its version
       errors.jsonl           inputs that failed in the latest run (retried on the next)
       shards/shard-000000.npy    vectors of one shard, in the order they were embedded
-      shards/shard-000000.jsonl  index part of that shard: one record per row
+      shards/shard-000000.jsonl  index part of that shard: one record per row, then a checksum line
       .lock                  flock target; never needs removing
 
-A shard exists only when both its ``.npy`` and its ``.jsonl`` exist and their row counts
-agree. Both are written atomically (temporary file, fsync, rename, fsync of the directory),
-``.npy`` first, so the index part is the commit mark: a crash leaves at most a temporary file
-or an ``.npy`` without index, and :meth:`Layout.scan` removes those under the lock.
+A shard exists only when both its ``.npy`` and its ``.jsonl`` exist and verify (see
+:mod:`clipcli.batch.verify`: the index part ends with the sha256 of both). Both are written
+atomically (:mod:`clipcli.batch.storage`: temporary file, fsync, rename, fsync of the
+directory), ``.npy`` first, so the index part is the commit mark: a crash leaves at most a
+temporary file or an ``.npy`` without index, and :meth:`Layout.scan` removes those under the
+lock. A shard that fails verification is reported, removed under the lock, and its rows are
+embedded again.
 
 When a source appears in several shards (it changed and was embedded again), the row in the
 highest-numbered shard is the current one; older rows are superseded, left out of the
@@ -29,23 +32,27 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from clipcli.errors import UsageError
-from clipcli.writers import AtomicFile, escape_line
+from clipcli.batch import storage
+from clipcli.batch.storage import TempFile, fsync_dir, pause_at, write_atomic
+from clipcli.batch.verify import check_shard, npy_bytes, shard_trailer
+from clipcli.errors import UsageError, storage_error
+from clipcli.sources import utf8_safe
+from clipcli.writers import escape_line
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: shard index parts end with a checksum line; manifests record output checksums
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
 SOURCES = "sources.txt"
 INDEX = "index.jsonl"
 ERRORS = "errors.jsonl"
 SHARDS = "shards"
-COPY_ROWS = 65536  # rows copied at a time while consolidating or merging
+
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.(npy|jsonl)$")
 
 
@@ -58,35 +65,6 @@ def dumps(record: Any, **kwargs: Any) -> str:
     except UnicodeEncodeError:
         text = json.dumps(record, ensure_ascii=True, **kwargs)
     return text
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames in ``path`` durable (a power cut cannot undo a committed shard)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-_UMASK: int | None = None
-
-
-def _readable(tmp_path: str | Path) -> None:
-    """Give a file the permissions of a plain ``open()`` (mkstemp makes them 0600)."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0o022)
-        os.umask(_UMASK)
-    try:
-        os.chmod(tmp_path, 0o666 & ~_UMASK)
-    except OSError:
-        pass
 
 
 def sort_key(record: dict[str, Any]) -> tuple[Any, ...]:
@@ -134,10 +112,12 @@ class RowRef:
 
 @dataclass
 class State:
-    """What a scan found: committed shards and, per source, its latest row."""
+    """What a scan found: committed shards, per source its latest row, and damaged shards
+    (``(number, "shards/NAME.npy", reason)``; ignored, and removed when the scan cleans)."""
 
     shards: dict[int, Shard]
     latest: dict[str, RowRef]
+    damaged: list[tuple[int, str, str]] = field(default_factory=list)
 
     @property
     def next_shard(self) -> int:
@@ -167,7 +147,8 @@ class Layout:
         try:
             self.shards_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise UsageError(f"cannot create output directory {self.root}: {exc.strerror or exc}") from None
+            where = self.root if not self.root.is_dir() else self.shards_dir
+            raise storage_error(where, exc, doing="create") from None
 
     def npy(self, number: int) -> Path:
         return self.shards_dir / f"shard-{number:06d}.npy"
@@ -182,7 +163,9 @@ class Layout:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise UsageError(f"cannot read {self.manifest_path}: {exc.strerror or exc}") from None
+            raise storage_error(self.manifest_path, exc, doing="read") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{self.manifest_path} is not UTF-8 text (damaged); it is not a clipcli batch directory") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -192,114 +175,89 @@ class Layout:
         return data
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        file = AtomicFile(self.manifest_path, "w")
-        try:
-            file.handle.write(dumps(manifest, indent=2) + "\n")
-            _readable(file.tmp)
-            file.commit()
-        except BaseException:
-            file.abort()
-            raise
-        fsync_dir(self.root)
+        write_atomic(self.manifest_path, (dumps(manifest, indent=2) + "\n").encode("utf-8"))
 
     # ------------------------------------------------------------------ scanning
-    def scan(self, *, clean: bool, warn: Callable[[str], object] | None = None) -> State:
-        """Find committed shards and the latest row of every source.
+    def scan(self, *, clean: bool, warn: Callable[[str], object] | None = None, dim: int | None = None) -> State:
+        """Find committed shards, verify them, and the latest row of every source.
 
-        ``clean=True`` (only under the lock) deletes leftovers of an interrupted run: temporary
-        files, ``.npy`` files without an index part, and shards whose two files disagree.
-        ``clean=False`` (``--dry-run``) only reads and skips such files.
+        ``clean=True`` (only under the lock) deletes leftovers of an interrupted run (temporary
+        files, ``.npy`` files without an index part) and damaged shards, so their rows are
+        embedded again. ``clean=False`` (``--dry-run``, check, merge) only reads and skips
+        them. ``warn`` gets one line per damaged shard.
         """
-        shards: dict[int, Shard] = {}
-        latest: dict[str, RowRef] = {}
+        state = State({}, {})
         if clean:
-            self._remove_temporaries()
+            self.remove_temporaries()
         if not self.shards_dir.is_dir():
-            return State(shards, latest)
-        found: dict[int, set[str]] = {}
-        for entry in os.scandir(self.shards_dir):
-            match = _SHARD_RE.match(entry.name)
-            if match:
-                found.setdefault(int(match.group(1)), set()).add(match.group(2))
-        for number in sorted(found):
-            kinds = found[number]
+            return state
+        for number, kinds in sorted(self.shard_files().items()):
             if kinds != {"npy", "jsonl"}:
                 # An .npy without its index part: the run stopped between the two renames.
                 if clean:
                     self._remove_shard(number)
                 continue
-            lines = self._read_part(number)
-            rows = self._npy_rows(number)
-            if lines is None or rows is None or rows != len(lines):
+            found = check_shard(self.npy(number), self.part(number), dim)
+            if found.problem is not None:
+                name = f"{self.shards_dir.name}/{self.npy(number).name}"
+                state.damaged.append((number, name, found.problem))
                 if warn is not None:
-                    warn(f"ignoring damaged shard {self.npy(number).name} (its rows will be embedded again)")
+                    warn(f"{self.root / name} is damaged ({found.problem}); its rows will be embedded again")
                 if clean:
                     self._remove_shard(number)
                 continue
-            shards[number] = Shard(number, rows)
-            for row, (source, line) in enumerate(lines):
-                latest[source] = RowRef(number, row, line)
-        return State(shards, latest)
+            state.shards[number] = Shard(number, found.rows)
+            for row, (source, line) in enumerate(found.lines):
+                state.latest[source] = RowRef(number, row, line)
+        return state
 
-    def _read_part(self, number: int) -> list[tuple[str, str]] | None:
+    def shard_files(self) -> dict[int, set[str]]:
+        """Shard numbers found in ``shards/`` and which of their files exist."""
+        found: dict[int, set[str]] = {}
         try:
-            text = self.part(number).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            return None
-        out: list[tuple[str, str]] = []
-        for line in text.split("\n"):
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-                out.append((record["source"], line))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                return None
-        return out
-
-    def _npy_rows(self, number: int) -> int | None:
-        try:
-            array = np.load(self.npy(number), mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError):
-            return None
-        return int(array.shape[0]) if array.ndim == 2 else None
+            entries = list(os.scandir(self.shards_dir))
+        except FileNotFoundError:
+            return found
+        except OSError as exc:
+            raise storage_error(self.shards_dir, exc, doing="read") from None
+        for entry in entries:
+            match = _SHARD_RE.match(entry.name)
+            if match:
+                found.setdefault(int(match.group(1)), set()).add(match.group(2))
+        return found
 
     def _remove_shard(self, number: int) -> None:
         # Index part first: without it the .npy no longer counts, whatever happens next.
-        self.part(number).unlink(missing_ok=True)
-        self.npy(number).unlink(missing_ok=True)
+        storage.unlink(self.part(number))
+        storage.unlink(self.npy(number))
 
-    def _remove_temporaries(self) -> None:
-        for directory in (self.root, self.shards_dir):
-            if not directory.is_dir():
-                continue
-            for entry in os.scandir(directory):
-                if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
-                    Path(entry.path).unlink(missing_ok=True)
+    def remove_temporaries(self) -> list[Path]:
+        """Remove the ``.*.tmp`` files an interrupted run left (only under the lock)."""
+        return storage.remove_temporaries((self.root, self.shards_dir))
 
     # ------------------------------------------------------------------ writing shards
     def write_shard(self, number: int, vectors: np.ndarray, records: Sequence[dict[str, Any]]) -> None:
-        """Commit one shard: ``.npy`` then its index part, each atomic and durable."""
+        """Commit one shard: ``.npy`` then its index part (ending with both checksums), each
+        atomic and durable; StorageError (temporary files removed) when it cannot be written."""
         if len(records) != vectors.shape[0]:
             raise ValueError("one record per row expected")
-        npy = AtomicFile(self.npy(number), "wb")
-        try:
-            np.lib.format.write_array(npy.handle, np.ascontiguousarray(vectors), allow_pickle=False)
-            _readable(npy.tmp)
-            npy.commit()
-        except BaseException:
-            npy.abort()
-            raise
+        npy = npy_bytes(vectors)
+        index = "".join(dumps(record) + "\n" for record in records).encode("utf-8")
+        part = index + (shard_trailer(npy, index, len(records)) + "\n").encode("utf-8")
+        with TempFile(self.npy(number), size=len(npy)) as file:
+            file.write(npy)
+            pause_at("shard-write")
+            file.commit()
         fsync_dir(self.shards_dir)
-        part = AtomicFile(self.part(number), "w")
         try:
-            part.handle.write("".join(dumps(record) + "\n" for record in records))
-            _readable(part.tmp)
-            part.commit()
+            write_atomic(self.part(number), part, fsync_parent=True)
         except BaseException:
-            part.abort()
+            # Without its index part the .npy is not a shard: do not leave it behind.
+            try:
+                self.npy(number).unlink(missing_ok=True)
+            except OSError:
+                pass  # the next run's scan removes it
             raise
-        fsync_dir(self.shards_dir)
 
     def remove_shards(self, numbers: Iterable[int]) -> None:
         for number in numbers:
@@ -319,84 +277,50 @@ class Layout:
 
     def consolidate(
         self, selection: Sequence[RowRef], dim: int, dtype: str, *, arrays: Mapping[int, Path] | None = None
-    ) -> None:
-        """Write embeddings.npy, sources.txt and index.jsonl for ``selection`` (in that order).
+    ) -> dict[str, dict[str, Any]]:
+        """Write embeddings.npy, sources.txt and index.jsonl for ``selection`` (in that order);
+        return their sizes and sha256 for the manifest (see :mod:`clipcli.batch.consolidate`).
 
-        Streaming: the matrix is a memory map filled from one memory-mapped source at a time,
-        :data:`COPY_ROWS` rows at a time, so memory stays flat whatever the size of the
-        collection. All three files are complete before the first is renamed into place.
         ``arrays`` maps ``RowRef.shard`` to the ``.npy`` holding its rows (default: this
         directory's shards; ``clipcli batch merge`` passes other directories' outputs).
         """
-        n = len(selection)
-        tmp_npy = self.root / f".{EMBEDDINGS}.{os.getpid()}.tmp"
-        files: list[AtomicFile] = []
-        try:
-            matrix = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.dtype(dtype), shape=(n, dim))
-            by_shard: dict[int, tuple[list[int], list[int]]] = {}
-            for position, ref in enumerate(selection):
-                dst, src = by_shard.setdefault(ref.shard, ([], []))
-                dst.append(position)
-                src.append(ref.row)
-            for number in sorted(by_shard):
-                dst, src = by_shard[number]
-                path = self.npy(number) if arrays is None else arrays[number]
-                shard = np.load(path, mmap_mode="r", allow_pickle=False)
-                if shard.ndim != 2 or shard.shape[1] != dim:
-                    raise UsageError(f"{path} has shape {shard.shape}, expected {dim} columns")
-                for start in range(0, len(dst), COPY_ROWS):
-                    rows = np.asarray(src[start : start + COPY_ROWS])
-                    matrix[np.asarray(dst[start : start + COPY_ROWS])] = shard[rows]
-                del shard
-            matrix.flush()
-            del matrix
-            with open(tmp_npy, "rb+") as handle:
-                os.fsync(handle.fileno())
-            sources = AtomicFile(self.sources_path, "w")
-            files.append(sources)
-            index = AtomicFile(self.index_path, "w")
-            files.append(index)
-            for ref in selection:
-                record = ref.record
-                sources.handle.write(_encodable(escape_line(record["source"])) + "\n")
-                index.handle.write(ref.line + "\n")
-            os.replace(tmp_npy, self.embeddings_path)
-            for file in files:
-                _readable(file.tmp)
-                file.commit()
-        except BaseException:
-            tmp_npy.unlink(missing_ok=True)
-            for file in files:
-                file.abort()
-            raise
-        fsync_dir(self.root)
+        from clipcli.batch.consolidate import write_outputs
 
+        if arrays is None:
+            arrays = {number: self.npy(number) for number in {ref.shard for ref in selection}}
+        return write_outputs(
+            selection, dim, dtype, arrays=arrays,
+            targets=(self.embeddings_path, self.sources_path, self.index_path),
+            source_line=lambda ref: utf8_safe(escape_line(json.loads(ref.line)["source"])),
+        )
 
-def _encodable(text: str) -> str:
-    """sources.txt is UTF-8: a name that is not valid UTF-8 keeps its escapes readable."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
+    @property
+    def output_names(self) -> dict[str, str]:
+        return {"embeddings": self.embeddings_path.name, "sources": self.sources_path.name, "index": self.index_path.name}
 
 
 class ErrorLog:
-    """errors.jsonl: one line per failed input of the current run, flushed as they happen."""
+    """errors.jsonl: one line per failed input of the current run.
+
+    Written to a temporary file as failures happen and renamed over the previous errors.jsonl
+    by :meth:`close` (``commit=False``: dropped, the previous one stays).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._handle = open(path, "w", encoding="utf-8", newline="\n")  # noqa: SIM115 - closed in close()
+        self._file = TempFile(path)
         self.count = 0
 
     def add(self, source: str, stage: str, reason: str, when: str) -> None:
-        self._handle.write(dumps({"source": source, "stage": stage, "reason": reason, "time": when}) + "\n")
-        self._handle.flush()
+        self._file.write((dumps({"source": source, "stage": stage, "reason": reason, "time": when}) + "\n").encode("utf-8"))
         self.count += 1
 
-    def close(self) -> None:
-        if not self._handle.closed:
-            self._handle.close()
+    def close(self, commit: bool = True) -> None:
+        if commit:
+            self._file.commit()
+            fsync_dir(self.path.parent)
+        else:
+            self._file.abort()
 
 
 def read_errors(path: str | Path) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from clipcli.errors import OutputLockedError, UsageError
+from clipcli.errors import OutputLockedError, UsageError, storage_error
 
 LOCK_NAME = ".lock"
 
@@ -60,7 +60,8 @@ class OutputLock:
                 return
             raise UsageError(f"cannot create lock file {self.path}: no such directory") from None
         except OSError as exc:
-            raise UsageError(f"cannot {'open' if self.shared else 'create'} lock file {self.path}: {exc.strerror or exc}") from None
+            # A read-only or full OUTDIR: a storage problem (exit 5), said once, before any work.
+            raise storage_error(self.path, exc, doing="open" if self.shared else "create") from None
         mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
         try:
             try:

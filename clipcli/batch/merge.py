@@ -16,10 +16,16 @@ Rules:
   ``allow_incomplete``: then an incomplete input contributes its committed shards (the latest
   row of every source embedded so far);
 * no source may be in two inputs (parts of one ``--shard`` split never overlap);
-* streaming: :meth:`Layout.consolidate` fills a memory-mapped matrix from memory-mapped inputs,
-  so memory holds the index lines, not the vectors;
+* every input is verified before it is used (its outputs' size, header, row count and
+  checksums; the shards of an allowed incomplete input): a damaged input is refused
+  (UsageError) naming it and the problem, never merged;
+* streaming: :meth:`Layout.consolidate` gathers rows from read-only memory maps of the inputs
+  and writes them with plain writes, so memory holds the index lines, not the vectors;
 * inputs are read under a shared lock (a batch run on one of them exits 4 meanwhile, or is
-  waited for with ``wait``), the output under the exclusive lock.
+  waited for with ``wait``), the output under the exclusive lock;
+* resumable: a merge that failed (disk full: StorageError, exit 5) or was killed leaves a
+  ``running`` manifest and maybe ``.*.tmp`` files; a rerun into the same output removes those
+  and redoes the merge.
 """
 
 from __future__ import annotations
@@ -33,13 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipcli.batch.layout import LAYOUT_VERSION, Layout, RowRef, dumps, fsync_dir, read_errors, sort_key
+from clipcli.batch.layout import LAYOUT_VERSION, Layout, RowRef, dumps, read_errors, sort_key
 from clipcli.batch.lock import OutputLock
-from clipcli.batch.runner import SPACE_KEYS, _comparable, _INFO_KEYS, describe_differences, now_iso
-from clipcli.errors import UsageError
-from clipcli.writers import AtomicFile
+from clipcli.batch.plan import now_iso
+from clipcli.batch.space import INFO_KEYS, SPACE_KEYS, comparable, describe_differences
+from clipcli.batch.storage import is_temporary, write_atomic
+from clipcli.batch.verify import check_outputs
+from clipcli.errors import UsageError, storage_error
 
 MERGED_KEY = "merged"
+_REPAIR_HINT = "run 'clipcli batch check --repair {path}', then its batch command again"
 
 
 @dataclass
@@ -101,13 +110,14 @@ def merge_outputs(
         first = parts[0].manifest
         dim, dtype = int(first["dim"]), str(first["dtype"])
 
-        _prepare_output(out)
+        _create_output(out)
         stack.enter_context(OutputLock(out.root, wait=wait))
+        _prepare_output(out)
         errors = _merged_errors(parts)
         base: dict[str, Any] = {
             "format": "clipcli-batch",
             "layout_version": LAYOUT_VERSION,
-            **{key: first[key] for key in (*SPACE_KEYS, *_INFO_KEYS) if key in first},
+            **{key: first[key] for key in (*SPACE_KEYS, *INFO_KEYS) if key in first},
             "shard": None,
             "request": first.get("request"),
             "files": {
@@ -133,7 +143,7 @@ def merge_outputs(
             },
         }
         out.write_manifest({**base, "status": "running"})  # a crash below never looks complete
-        out.consolidate(selection, dim, dtype, arrays=arrays)
+        files = out.consolidate(selection, dim, dtype, arrays=arrays)
         _write_errors(out, errors)
         result.rows = len(selection)
         result.failed = len(errors)
@@ -149,7 +159,9 @@ def merge_outputs(
             "counts": {"inputs": len(parts), "rows": result.rows, "failed": result.failed},
             "timings": {"started": started, "finished": now_iso(), "elapsed_s": round(elapsed, 3)},
             "summary": result.summary,
-            "consolidated": {"digest": out.digest(selection, dim, dtype), "rows": result.rows, "dim": dim, "dtype": dtype},
+            "consolidated": {
+                "digest": out.digest(selection, dim, dtype), "rows": result.rows, "dim": dim, "dtype": dtype, "files": files,
+            },
         }
         out.write_manifest(result.manifest)
     return result
@@ -179,14 +191,16 @@ def _check_compatible(parts: Sequence[_Input], allow_incomplete: bool) -> None:
                 f"{part.path} is incomplete (status: {status}): rerun its batch command to finish it, "
                 "or pass --allow-incomplete to merge the rows it has committed so far"
             )
-        if status == "complete" and not part.layout.outputs_exist():
-            raise UsageError(f"{part.path} says complete but lacks embeddings.npy, sources.txt or index.jsonl; rerun its batch command")
+        if status == "complete":
+            problems = check_outputs(part.layout.root, part.layout.output_names, part.manifest.get("consolidated"))
+            if problems:
+                raise UsageError(f"cannot merge {part.path}: {'; '.join(problems)}; {_REPAIR_HINT.format(path=part.path)}")
         if part is first:
             continue
         diffs = [
             (key, first.manifest.get(key), part.manifest.get(key))
             for key in (*SPACE_KEYS, "dim")
-            if _comparable(key, first.manifest.get(key)) != _comparable(key, part.manifest.get(key))
+            if comparable(key, first.manifest.get(key)) != comparable(key, part.manifest.get(key))
         ]
         if diffs:
             raise UsageError(
@@ -227,11 +241,20 @@ def _gather(parts: Sequence[_Input]) -> tuple[list[RowRef], dict[int, Path], lis
         if part.manifest.get("status") == "complete":
             key = len(arrays)
             arrays[key] = part.layout.embeddings_path
-            lines = [line for line in part.layout.index_path.read_text(encoding="utf-8").split("\n") if line]
+            try:
+                text = part.layout.index_path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise storage_error(part.layout.index_path, exc, doing="read") from None
+            lines = [line for line in text.split("\n") if line]
             refs = [RowRef(key, row, line) for row, line in enumerate(lines)]
-            _check_rows(part, len(lines))
         else:  # allowed incomplete: what its shards hold (the latest row of each source)
-            state = part.layout.scan(clean=False)
+            state = part.layout.scan(clean=False, dim=part.manifest.get("dim"))
+            if state.damaged:
+                _, name, problem = state.damaged[0]
+                more = f" (and {len(state.damaged) - 1} more damaged shard(s))" if len(state.damaged) > 1 else ""
+                raise UsageError(
+                    f"cannot merge {part.path}: {name} is damaged ({problem}){more}; {_REPAIR_HINT.format(path=part.path)}"
+                )
             keys: dict[int, int] = {}
             for number in sorted(state.shards):
                 keys[number] = len(arrays)
@@ -253,21 +276,18 @@ def _gather(parts: Sequence[_Input]) -> tuple[list[RowRef], dict[int, Path], lis
     return [ref for _, ref in keyed], arrays, rows_of
 
 
-def _check_rows(part: _Input, lines: int) -> None:
-    import numpy as np
-
-    matrix = np.load(part.layout.embeddings_path, mmap_mode="r", allow_pickle=False)
-    if matrix.ndim != 2 or matrix.shape[0] != lines:
-        raise UsageError(
-            f"{part.path}: embeddings.npy has shape {matrix.shape} but index.jsonl has {lines} rows; "
-            "rerun its batch command to consolidate it again"
-        )
-
-
 def _merged_errors(parts: Sequence[_Input]) -> list[dict[str, Any]]:
     errors: list[dict[str, Any]] = []
     for part in parts:
-        errors.extend(read_errors(part.layout.errors_path))
+        try:
+            errors.extend(read_errors(part.layout.errors_path))
+        except OSError as exc:
+            raise storage_error(part.layout.errors_path, exc, doing="read") from None
+        except (ValueError, UnicodeDecodeError):
+            raise UsageError(
+                f"cannot merge {part.path}: {part.layout.errors_path.name} is damaged (a line is not JSON); "
+                "rerun its batch command to write it again"
+            ) from None
     errors.sort(key=lambda record: str(record.get("source", "")))
     return errors
 
@@ -275,29 +295,30 @@ def _merged_errors(parts: Sequence[_Input]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- output
 
 
-def _prepare_output(out: Layout) -> None:
-    """Create the output directory; refuse one that holds anything but an earlier merge."""
+def _create_output(out: Layout) -> None:
+    """Create the output directory (StorageError when it cannot be)."""
     out.check_usable()
-    if out.root.is_dir():
-        manifest = out.read_manifest()  # UsageError if it is some other manifest
-        if manifest is None:
-            entries = [e for e in os.listdir(out.root) if e != ".lock"]
-            if entries:
-                raise UsageError(f"{out.root} is not empty and not a merged output; choose a new or empty directory for -o")
-        elif manifest.get(MERGED_KEY) is None:
-            raise UsageError(f"{out.root} is a batch output directory, not a merged result; choose another -o for the merge")
     try:
         out.root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create output directory {out.root}: {exc.strerror or exc}") from None
+        raise storage_error(out.root, exc, doing="create") from None
+
+
+def _prepare_output(out: Layout) -> None:
+    """Under the output's lock: refuse a directory that holds anything but an earlier (maybe
+    failed or killed) merge, and remove the temporary files such a merge left."""
+    manifest = out.read_manifest()  # UsageError if it is some other manifest
+    if manifest is None:
+        try:
+            entries = [e for e in os.listdir(out.root) if e != ".lock" and not is_temporary(e)]
+        except OSError as exc:
+            raise storage_error(out.root, exc, doing="read") from None
+        if entries:
+            raise UsageError(f"{out.root} is not empty and not a merged output; choose a new or empty directory for -o")
+    elif manifest.get(MERGED_KEY) is None:
+        raise UsageError(f"{out.root} is a batch output directory, not a merged result; choose another -o for the merge")
+    out.remove_temporaries()
 
 
 def _write_errors(out: Layout, errors: Sequence[dict[str, Any]]) -> None:
-    file = AtomicFile(out.errors_path, "w")
-    try:
-        file.handle.write("".join(dumps(record) + "\n" for record in errors))
-        file.commit()
-    except BaseException:
-        file.abort()
-        raise
-    fsync_dir(out.root)
+    write_atomic(out.errors_path, "".join(dumps(record) + "\n" for record in errors).encode("utf-8"))

@@ -2,18 +2,24 @@
 
 One run, under the output directory's lock:
 
-1. scan committed shards (removing leftovers of an interrupted run) and read the manifest;
-2. plan: a source is *done* when its latest row was made from the same version of it (size and
-   mtime_ns, or sha256 with ``--hash``; texts by sha256; URLs once embedded stay done); every
-   other source, including those that failed last time, is embedded again;
+1. remove leftovers of an interrupted run (``.*.tmp``, an ``.npy`` without index part), scan
+   and verify the committed shards (a damaged one is reported, removed and embedded again),
+   read the manifest;
+2. plan (:mod:`clipcli.batch.plan`): a source is *done* when its latest row was made from the
+   same version of it (size and mtime_ns, or sha256 with ``--hash``; texts by sha256; URLs once
+   embedded stay done); every other source, including those that failed last time, is
+   embedded again. A run that would drop more than :data:`DELETION_LIMIT` of the rows because
+   their sources vanished is refused (UsageError) unless ``allow_deletions``;
 3. refuse settings that differ from the ones OUTDIR was made with (UsageError, exit 2);
-4. embed the plan through :func:`clipcli.pipeline.embed_images` / ``embed_texts`` and commit a
-   shard every ``shard_size`` rows; failures go to errors.jsonl as they happen;
+4. embed the plan (:mod:`clipcli.batch.embedding`) and commit a shard every ``shard_size``
+   rows; failures go to errors.jsonl;
 5. consolidate the current rows, sorted by source, into embeddings.npy + sources.txt +
-   index.jsonl (skipped when nothing changed), then delete fully superseded shards;
-6. write manifest.json with the counts, timings and a one-line summary.
+   index.jsonl (skipped when the rows are the same as last time and the outputs verify),
+   then delete fully superseded shards;
+6. write manifest.json with the counts, timings, a one-line summary and the outputs' checksums.
 
-Progress is reported through :class:`Events`; the CLI turns that into a bar or log lines.
+A write that fails (disk full, read-only, I/O error) is a StorageError: temporary files are
+removed, committed shards and the previous outputs stay, and the previous manifest is put back.
 
 ``BatchOptions(shard=(I, N))`` keeps only the sources whose :func:`shard_of` is I (a hash of
 the source label, so a source stays in its part as others come and go); the manifest records
@@ -23,181 +29,34 @@ replaces step 4's embedding only; planning, committing and consolidation stay he
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from clipcli.batch.collect import Collection
-from clipcli.batch.layout import LAYOUT_VERSION, ErrorLog, Layout, RowRef, Shard, State, dumps, same_version, sort_key
+from clipcli.batch.layout import LAYOUT_VERSION, ErrorLog, Layout, RowRef, State, same_version, sort_key
 from clipcli.batch.lock import OutputLock
-from clipcli.errors import UsageError
-from clipcli.pipeline import Embedded, Failed
-from clipcli.sources import has_url_scheme, is_url
+from clipcli.batch.options import DEFAULT_SHARD_SIZE, BatchOptions, Engine, Events, RunResult
+from clipcli.batch.plan import Item, Plan, file_record, now_iso, parse_shard, shard_label, shard_of
+from clipcli.batch.space import INFO_KEYS, SPACE_KEYS, comparable, describe_differences, mismatch_message
+from clipcli.batch.verify import check_outputs, file_records
+from clipcli.errors import StorageError, UsageError, storage_error
+from clipcli.pipeline import Failed
 
 if TYPE_CHECKING:
     from clipcli.encoder import Encoder
     from clipcli.pipeline import ImageLoader
 
-DEFAULT_SHARD_SIZE = 1024
-# Settings that define the embedding space: rows made under different values never mix.
-SPACE_KEYS = ("modality", "model", "family", "revision", "feature", "normalized", "preprocessing", "dtype", "quantize")
-_HASH_CHUNK = 1 << 20
+__all__ = [
+    "DEFAULT_SHARD_SIZE", "SPACE_KEYS", "BatchOptions", "BatchRunner", "Engine", "Events", "Item", "Plan",
+    "RunResult", "describe_differences", "parse_shard", "shard_of",
+]
 
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``I/N`` (1 <= I <= N) -> (I, N); anything else is a UsageError (exit 2)."""
-    parts = text.strip().split("/")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        index, count = int(parts[0]), int(parts[1])
-    except ValueError:
-        raise UsageError(f"invalid --shard {text!r}: expected I/N, e.g. 1/4 (part I of N, counted from 1)") from None
-    if count < 1 or not 1 <= index <= count:
-        raise UsageError(f"invalid --shard {text!r}: I must be between 1 and N (1/{max(count, 1)} .. {max(count, 1)}/{max(count, 1)})")
-    return index, count
-
-
-def shard_of(source: str, count: int) -> int:
-    """Which part (1..count) a source belongs to: sha256 of its label, mod ``count``.
-
-    Hashing each source on its own (not its position in the sorted list) keeps every source in
-    its part when others are added or removed, so incremental reruns of each part stay
-    incremental. The same label always lands in the same part, on any machine.
-    """
-    digest = hashlib.sha256(source.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") % count + 1
-
-
-def shard_label(shard: tuple[int, int] | None) -> str | None:
-    return None if shard is None else f"{shard[0]}/{shard[1]}"
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass
-class BatchOptions:
-    """How a run behaves (the settings of the space come from the encoder)."""
-
-    hash: bool = False
-    keep_deleted: bool = False
-    shard_size: int = DEFAULT_SHARD_SIZE
-    batch_size: int = 32
-    workers: int = 0
-    wait: bool = False
-    out_dtype: str = "float32"
-    shard: tuple[int, int] | None = None  # (I, N): embed only part I of N (see shard_of)
-
-
-class Engine(Protocol):
-    """Where the pending items are embedded (the default, in-process, needs none).
-
-    :meth:`embed` yields lists of :class:`~clipcli.pipeline.Embedded` / ``Failed`` in any
-    order; :attr:`info` (read after embedding) goes into the manifest under ``engine``
-    (``device`` and ``model_dtype`` replace the driver's); :meth:`close` releases the workers.
-    """
-
-    name: str
-    info: dict[str, Any]
-
-    def embed(
-        self,
-        items: Sequence[Item],
-        *,
-        modality: str,
-        encoder_factory: Callable[[], Encoder],
-        batch_size: int,
-        on_truncated: Callable[[str], Any] | None = None,
-    ) -> Iterator[list[Any]]: ...
-
-    def start(self, modality: str) -> None:
-        """Get the workers ready (called before anything is written; may raise UsageError)."""
-
-    def close(self) -> None: ...
-
-
-class Events:
-    """Progress callbacks; the defaults do nothing. Called from the runner's thread."""
-
-    def warning(self, message: str) -> None:
-        """Something the user may want to know (a damaged shard, a glob that matched nothing)."""
-
-    def waiting(self, holder: str) -> None:
-        """Another run holds OUTDIR and ``--wait`` was given."""
-
-    def planned(self, plan: Plan) -> None:
-        """The plan is known (before any model loading)."""
-
-    def phase(self, name: str) -> None:
-        """``loading model``, ``embedding``, ``consolidating``."""
-
-    def failed(self, failure: Failed) -> None:
-        """One input failed (already written to errors.jsonl)."""
-
-    def progress(self, embedded: int, failed: int, total: int) -> None:
-        """After each batch: inputs embedded and failed so far in this run, of ``total``."""
-
-    def truncated(self, source: str) -> None:
-        """A text was cut to the model's maximum length."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One source as it is now: its label, its index record and, for texts, the text."""
-
-    source: str
-    record: dict[str, Any]
-    text: str | None = None
-
-
-@dataclass
-class Plan:
-    """What a run will do."""
-
-    modality: str
-    current: dict[str, Item]  # every source found now, by label
-    todo: list[Item]  # sorted; to embed in this run
-    skipped: int  # already embedded in this version
-    deleted: list[str]  # in OUTDIR but gone from the inputs (sorted)
-    failures: list[Failed]  # inputs that failed while collecting
-
-    @property
-    def total(self) -> int:
-        """Inputs considered: sources found plus inputs that could not even be listed."""
-        return len(self.current) + len(self.failures)
-
-
-@dataclass
-class RunResult:
-    """What a run did; ``manifest`` is what was written to manifest.json."""
-
-    plan: Plan
-    embedded: int = 0
-    failed: int = 0
-    skipped: int = 0
-    deleted: int = 0
-    kept_deleted: int = 0
-    rows: int = 0
-    shards: int = 0
-    elapsed_s: float = 0.0
-    embed_s: float = 0.0
-    summary: str = ""
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def throughput(self) -> float:
-        return self.embedded / self.embed_s if self.embed_s > 0 else 0.0
+DELETION_LIMIT = 0.5  # a run may drop at most this share of the existing rows without --allow-deletions
 
 
 class BatchRunner:
@@ -224,6 +83,7 @@ class BatchRunner:
         self.events = events or Events()
         self.request = json.loads(json.dumps(request)) if request is not None else None
         self.tower = "vision" if collection.modality == "image" else "text"
+        self._unit = "images" if self.tower == "vision" else "texts"
 
     # ------------------------------------------------------------------ planning
     def plan(self) -> Plan:
@@ -231,7 +91,7 @@ class BatchRunner:
         self.layout.check_usable()
         manifest = self.layout.read_manifest()
         self._check_request(manifest)
-        state = self.layout.scan(clean=False, warn=self.events.warning)
+        state = self.layout.scan(clean=False, warn=self.events.warning, dim=_dim(manifest))
         return self._plan(state)
 
     def _mine(self, source: str) -> bool:
@@ -244,11 +104,11 @@ class BatchRunner:
             return [Item(t.source, t.record(), t.text) for t in self.collection.texts if self._mine(t.source)]
         sources = [s for s in self.collection.images if self._mine(s)]
         if not self.options.hash:
-            return [Item(s, _file_record(s, hashed=False)) for s in sources]
+            return [Item(s, file_record(s, hashed=False)) for s in sources]
         # Hashing reads every file: overlap it over threads (hashlib releases the GIL).
         workers = self.options.workers or min(16, 2 * (os.cpu_count() or 2))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipcli-hash") as pool:
-            records = list(pool.map(lambda s: _file_record(s, hashed=True), sources))
+            records = list(pool.map(lambda s: file_record(s, hashed=True), sources))
         return [Item(s, r) for s, r in zip(sources, records)]
 
     def _plan(self, state: State) -> Plan:
@@ -264,7 +124,35 @@ class BatchRunner:
                 todo.append(item)
         deleted = sorted(s for s in state.latest if s not in current)
         failures = [f for f in self.collection.failures if self._mine(f.source)]
-        return Plan(self.collection.modality, current, todo, skipped, deleted, failures)
+        plan = Plan(self.collection.modality, current, todo, skipped, deleted, failures)
+        plan.refusal = self._deletion_refusal(plan, state)
+        return plan
+
+    def _deletion_refusal(self, plan: Plan, state: State) -> str | None:
+        """Why this run must not go on: it would drop more than :data:`DELETION_LIMIT` of the
+        rows of the current output because their sources vanished (an empty or unmounted
+        folder, a glob that matches nothing); None when it may."""
+        if self.options.keep_deleted or self.options.allow_deletions or not plan.deleted:
+            return None
+        existing = self._output_sources(state)
+        dropped = [source for source in plan.deleted if source in existing]
+        if not dropped or len(dropped) <= DELETION_LIMIT * len(existing):
+            return None
+        share = f"all {len(existing)}" if len(dropped) == len(existing) else f"{len(dropped)} of {len(existing)}"
+        return (
+            f"refusing to drop {share} rows of {self.layout.root}: their sources are gone from the inputs "
+            f"(e.g. {dropped[0]}; {len(plan.current)} source(s) found now). Check the inputs (an empty "
+            "or unmounted folder, a glob that matches nothing), or pass --allow-deletions to drop them "
+            "(--keep-deleted keeps them)"
+        )
+
+    def _output_sources(self, state: State) -> set[str]:
+        """The sources of the current consolidated output (all rows in shards if it is unreadable)."""
+        try:
+            text = self.layout.index_path.read_text(encoding="utf-8")
+            return {json.loads(line)["source"] for line in text.split("\n") if line}
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return set(state.latest)
 
     # ------------------------------------------------------------------ the guard
     def _check_modality(self, manifest: dict[str, Any] | None) -> None:
@@ -298,16 +186,16 @@ class BatchRunner:
             if asked in self.request and manifest.get(stored) != self.request[asked]
         ]
         if diffs:
-            raise UsageError(_mismatch_message(self.layout.root, diffs))
+            raise UsageError(mismatch_message(self.layout.root, diffs))
 
     def _check_space(self, manifest: dict[str, Any], space: dict[str, Any]) -> None:
         diffs = [
             (key, manifest.get(key), space.get(key))
             for key in SPACE_KEYS
-            if _comparable(key, manifest.get(key)) != _comparable(key, space.get(key))
+            if comparable(key, manifest.get(key)) != comparable(key, space.get(key))
         ]
         if diffs:
-            raise UsageError(_mismatch_message(self.layout.root, diffs))
+            raise UsageError(mismatch_message(self.layout.root, diffs))
 
     # ------------------------------------------------------------------ running
     def run(
@@ -328,7 +216,7 @@ class BatchRunner:
         with OutputLock(self.layout.root, wait=self.options.wait, on_wait=self.events.waiting):
             manifest = self.layout.read_manifest()
             self._check_modality(manifest)
-            state = self.layout.scan(clean=True, warn=self.events.warning)
+            state = self.layout.scan(clean=True, warn=self.events.warning, dim=_dim(manifest))
             if manifest is None and state.shards:
                 raise UsageError(
                     f"{self.layout.root} has shards but no {self.layout.manifest_path.name}; "
@@ -336,6 +224,8 @@ class BatchRunner:
                 )
             self._check_request(manifest)
             plan = self._plan(state)
+            if plan.refusal is not None:
+                raise UsageError(plan.refusal)
             self.events.planned(plan)
             try:
                 if engine is not None and plan.todo:
@@ -367,34 +257,68 @@ class BatchRunner:
                 self._check_space(manifest, space)
         else:
             assert manifest is not None
-            space = {key: manifest.get(key) for key in (*SPACE_KEYS, *_INFO_KEYS) if key in manifest}
+            space = {key: manifest.get(key) for key in (*SPACE_KEYS, *INFO_KEYS) if key in manifest}
         base = self._manifest_base(manifest, space, started)
         self.layout.write_manifest({**base, "status": "running"})
-
-        errors = ErrorLog(self.layout.errors_path)
         try:
-            for failure in plan.failures:
-                self._fail(errors, failure, result)
-            if plan.todo:
-                assert encoder is not None
-                self._embed(plan, state, encoder, loader, errors, result, base, started_clock, engine, encoder_factory)
-        finally:
-            errors.close()
-
-        self.events.phase("consolidating")
-        consolidated = self._consolidate(plan, state, base, result)
+            self._embed_and_log(plan, state, encoder, loader, result, base, engine, encoder_factory)
+            self.events.phase("consolidating")
+            consolidated = self._consolidate(plan, state, base, result)
+        except StorageError:
+            # Nothing this run wrote replaced the consolidated outputs: the previous manifest
+            # still describes them (best effort; the disk may refuse this write too).
+            if manifest is not None:
+                try:
+                    self.layout.write_manifest(manifest)
+                except StorageError:
+                    pass
+            raise
         result.elapsed_s = time.monotonic() - started_clock
-        result.summary = self._summary(result)
+        result.summary = result.describe(self._unit, self.layout.embeddings_path.name)
         result.manifest = {
             **base,
             "status": "complete",
-            "counts": self._counts(result),
-            "timings": self._timings(result, started),
+            "counts": result.counts(),
+            "timings": result.timings(started, self._unit),
             "summary": result.summary,
             "consolidated": consolidated,
         }
         self.layout.write_manifest(result.manifest)
         return result
+
+    def _embed_and_log(
+        self,
+        plan: Plan,
+        state: State,
+        encoder: Encoder | None,
+        loader: ImageLoader | None,
+        result: RunResult,
+        base: dict[str, Any],
+        engine: Engine | None,
+        encoder_factory: Callable[[], Encoder],
+    ) -> None:
+        """Record the listing failures, embed the plan; errors.jsonl is replaced at the end
+        (also after an interrupt), and left as it was when a write fails."""
+        from clipcli.batch.embedding import embed_pending
+
+        errors = ErrorLog(self.layout.errors_path)
+        done = False
+        try:
+            for failure in plan.failures:
+                self.fail(errors, failure, result)
+            if plan.todo:
+                assert encoder is not None
+                embed_pending(self, plan, state, encoder, loader, errors, result, base, engine, encoder_factory)
+            done = True
+        except KeyboardInterrupt:
+            done = True  # keep the failures seen so far (they are retried anyway)
+            raise
+        finally:
+            try:
+                errors.close(commit=done)
+            except StorageError:
+                if done:
+                    raise
 
     def _space(self, encoder: Encoder) -> dict[str, Any]:
         meta = dict(encoder.metadata(self.tower))
@@ -405,7 +329,7 @@ class BatchRunner:
         base: dict[str, Any] = {
             "format": "clipcli-batch",
             "layout_version": LAYOUT_VERSION,
-            **{key: space[key] for key in (*SPACE_KEYS, *_INFO_KEYS) if key in space},
+            **{key: space[key] for key in (*SPACE_KEYS, *INFO_KEYS) if key in space},
             "shard": shard_label(self.options.shard),
             "options": {
                 "hash": self.options.hash,
@@ -430,110 +354,11 @@ class BatchRunner:
                     base[key] = manifest[key]
         return base
 
-    def _fail(self, errors: ErrorLog, failure: Failed, result: RunResult) -> None:
+    def fail(self, errors: ErrorLog, failure: Failed, result: RunResult) -> None:
+        """Record one failed input (errors.jsonl, counts, the event)."""
         errors.add(failure.source, failure.stage, failure.reason, now_iso())
         result.failed += 1
         self.events.failed(failure)
-
-    def _embed(
-        self,
-        plan: Plan,
-        state: State,
-        encoder: Encoder,
-        loader: ImageLoader | None,
-        errors: ErrorLog,
-        result: RunResult,
-        base: dict[str, Any],
-        started_clock: float,
-        engine: Engine | None = None,
-        encoder_factory: Callable[[], Encoder] | None = None,
-    ) -> None:
-        from clipcli.pipeline import ImageLoader, TextItem, embed_images, embed_texts
-
-        opts = self.options
-        own_loader = None
-        if engine is None:  # (with an engine, its workers load the model)
-            if self.tower == "vision":
-                encoder.prepare_images()  # load weights before the clock starts
-            else:
-                encoder.prepare_texts()
-        self.events.phase("embedding")
-        clock = time.monotonic()
-        records = {item.source: item.record for item in plan.todo}
-        pending: list[tuple[dict[str, Any], np.ndarray]] = []
-        batches: Iterator[list[Any]]
-        if engine is not None:
-            assert encoder_factory is not None
-            base["engine"] = {"name": engine.name}
-            batches = engine.embed(
-                plan.todo, modality=self.collection.modality, encoder_factory=encoder_factory,
-                batch_size=opts.batch_size, on_truncated=self.events.truncated,
-            )
-        elif self.tower == "vision":
-            if loader is None:
-                loader = own_loader = ImageLoader()
-            batches = embed_images(
-                (item.source for item in plan.todo), encoder, loader, batch_size=opts.batch_size, workers=opts.workers
-            )
-        else:
-            batches = embed_texts(
-                (TextItem(item.source, item.text or "") for item in plan.todo), encoder,
-                batch_size=opts.batch_size, on_truncated=lambda t: self.events.truncated(t.source),
-            )
-        total = len(plan.todo)
-        try:
-            try:
-                for results in batches:
-                    for res in results:
-                        if isinstance(res, Failed):
-                            self._fail(errors, res, result)
-                        else:
-                            assert isinstance(res, Embedded)
-                            pending.append((records[res.source], res.vector))
-                            result.embedded += 1
-                    while len(pending) >= opts.shard_size:
-                        self._commit(state, pending, opts.shard_size)
-                    self.events.progress(result.embedded, result.failed - len(plan.failures), total)
-                self._commit(state, pending, len(pending))
-            except KeyboardInterrupt:
-                # Keep what is done: the rows in memory become one more shard.
-                result.embed_s = time.monotonic() - clock
-                try:
-                    self._commit(state, pending, len(pending))
-                    result.elapsed_s = time.monotonic() - started_clock
-                    self.layout.write_manifest({**base, "status": "interrupted", "last_run": self._counts(result)})
-                except BaseException:
-                    pass  # a second Ctrl-C: the leftovers are cleaned by the next run
-                raise
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()  # stop the workers now, not when the generator is collected
-            if engine is not None:
-                # What the workers ran on (e.g. cuda and bfloat16 on GPU actors) beats the driver's view.
-                info = dict(engine.info)
-                for key in ("device", "model_dtype"):
-                    if key in info:
-                        base[key] = info.pop(key)
-                base["engine"] = {"name": engine.name, **info}
-            if own_loader is not None:
-                own_loader.close()
-        result.embed_s = time.monotonic() - clock
-
-    def _commit(self, state: State, pending: list[tuple[dict[str, Any], np.ndarray]], count: int) -> None:
-        """Write the first ``count`` pending rows as the next shard; drop them from ``pending``."""
-        if count <= 0:
-            return
-        chunk = pending[:count]
-        number = state.next_shard
-        vectors = np.stack([vector for _, vector in chunk]).astype(self.options.out_dtype)
-        records = [{k: v for k, v in record.items() if k != "unreadable"} for record, _ in chunk]
-        self.layout.write_shard(number, vectors, records)
-        # Only now, with the shard durable, do the rows count as done.
-        del pending[:count]
-        state.shards[number] = Shard(number, len(records))
-        for row, record in enumerate(records):
-            state.latest[record["source"]] = RowRef(number, row, dumps(record))
 
     def _consolidate(self, plan: Plan, state: State, base: dict[str, Any], result: RunResult) -> dict[str, Any]:
         selection: list[RowRef] = []
@@ -552,10 +377,23 @@ class BatchRunner:
         dim, dtype = int(base["dim"]), str(base["dtype"])
         digest = self.layout.digest(selection, dim, dtype)
         previous = base.get("consolidated") or {}
-        if previous.get("digest") != digest or not self.layout.outputs_exist():
-            # Forget the old digest first: a crash halfway through must not look consolidated.
-            self.layout.write_manifest({**base, "status": "running", "consolidated": None})
-            self.layout.consolidate(selection, dim, dtype)
+        files = previous.get("files")
+        redo = previous.get("digest") != digest
+        if not redo:
+            # The same rows as last time: trust the outputs only if they verify.
+            problems = check_outputs(self.layout.root, self.layout.output_names, previous)
+            if problems:
+                self.events.warning(
+                    f"{self.layout.root}: {'; '.join(problems)}; writing the consolidated outputs again"
+                )
+                redo = True
+        if redo:
+            # The manifest keeps the old record (with its checksums) until the new outputs are
+            # in place: a crash in between leaves outputs that fail to verify, never trusted.
+            files = self.layout.consolidate(selection, dim, dtype)
+        elif not isinstance(files, dict):
+            # Outputs from before checksums that passed the structural checks: record them now.
+            files = self._checksums()
         live = {ref.shard for ref in state.latest.values()}
         superseded = [number for number in state.shards if number not in live]
         self.layout.remove_shards(superseded)
@@ -563,113 +401,18 @@ class BatchRunner:
             del state.shards[number]
         result.rows = len(selection)
         result.shards = len(state.shards)
-        return {"digest": digest, "rows": len(selection), "dim": dim, "dtype": dtype}
-
-    # ------------------------------------------------------------------ reporting
-    def _counts(self, result: RunResult) -> dict[str, int]:
-        return {
-            "sources": result.plan.total,
-            "embedded": result.embedded,
-            "skipped": result.skipped,
-            "failed": result.failed,
-            "deleted": result.deleted,
-            "kept_deleted": result.kept_deleted,
-            "rows": result.rows,
-            "shards": result.shards,
-        }
-
-    def _timings(self, result: RunResult, started: str) -> dict[str, Any]:
-        unit = "images" if self.tower == "vision" else "texts"
-        return {
-            "started": started,
-            "finished": now_iso(),
-            "elapsed_s": round(result.elapsed_s, 3),
-            "embed_s": round(result.embed_s, 3),
-            f"{unit}_per_s": round(result.throughput, 2),
-        }
-
-    def _summary(self, result: RunResult) -> str:
-        unit = "images" if self.tower == "vision" else "texts"
-        text = (
-            f"embedded {result.embedded}, skipped {result.skipped} (already done), failed {result.failed}, "
-            f"{result.elapsed_s:.1f} s, {result.throughput:.1f} {unit}/s"
-        )
-        if result.deleted or result.kept_deleted:
-            text += f", {result.deleted} deleted" if result.deleted else f", {result.kept_deleted} deleted kept"
-        return text + f"; {result.rows} rows in {self.layout.embeddings_path.name}"
+        return {"digest": digest, "rows": len(selection), "dim": dim, "dtype": dtype, "files": files}
 
 
-_INFO_KEYS = ("dim", "model_dtype", "device", "clipcli_version", "max_text_length")
+    def _checksums(self) -> dict[str, dict[str, Any]]:
+        paths = [self.layout.embeddings_path, self.layout.sources_path, self.layout.index_path]
+        try:
+            return file_records(paths)
+        except OSError as exc:
+            raise storage_error(getattr(exc, "filename", None) or self.layout.root, exc, doing="read") from None
 
 
-def _comparable(key: str, value: Any) -> Any:
-    if key == "family" and value is None:
-        return "clip"  # manifests from before families were recorded were all CLIP
-    if key == "preprocessing" and isinstance(value, dict) and "callable" not in value:
-        # The values decide the space; the names (preset, custom) only say how they were asked.
-        # Manifests from before the backend was recorded were made with the PIL backend (the
-        # only one clipcli's install brings).
-        return {"backend": "pil", **{k: v for k, v in value.items() if k not in ("preset", "custom")}}
-    return json.loads(json.dumps(value))
-
-
-def describe_differences(diffs: Sequence[tuple[str, Any, Any]], old_name: str | Path = "there", new_name: str | Path = "now") -> str:
-    """``key: OLD there, NEW now; ...``, naming the sub-settings of a table that differ."""
-    flat: list[tuple[str, Any, Any]] = []
-    for key, old, new in diffs:
-        if isinstance(old, dict) and isinstance(new, dict):
-            # Name the sub-settings that differ, not two whole preprocessing tables.
-            old_c, new_c = _comparable(key, old), _comparable(key, new)
-            flat += [(f"{key}.{k}", old_c.get(k), new_c.get(k)) for k in sorted(set(old_c) | set(new_c)) if old_c.get(k) != new_c.get(k)]
-        else:
-            flat.append((key, old, new))
-    return "; ".join(f"{key}: {_show(old)} {old_name}, {_show(new)} {new_name}" for key, old, new in flat)
-
-
-def _mismatch_message(root: Path, diffs: Sequence[tuple[str, Any, Any]]) -> str:
-    parts = describe_differences(diffs)
-    return (
-        f"{root} was made with other settings ({parts}); vectors from different settings are never "
-        "mixed: use the original settings or another --output directory"
-    )
-
-
-def _show(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else repr(value)
-
-
-def _file_record(source: str, *, hashed: bool) -> dict[str, Any]:
-    """The index record of an image source as it is now."""
-    record: dict[str, Any] = {"source": source}
-    if is_url(source) or has_url_scheme(source):
-        return record
-    try:
-        st = os.stat(source)
-    except OSError:
-        record["unreadable"] = True
-        return record
-    record["size"] = st.st_size
-    record["mtime_ns"] = st.st_mtime_ns
-    if hashed:
-        digest = _sha256_file(source)
-        if digest is None:
-            record["unreadable"] = True
-        else:
-            record["sha256"] = digest
-    return record
-
-
-def _sha256_file(path: str) -> str | None:
-    import hashlib
-    import stat
-
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None  # never block on a FIFO
-        h = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_HASH_CHUNK):
-                h.update(chunk)
-        return h.hexdigest()
-    except OSError:
-        return None
+def _dim(manifest: dict[str, Any] | None) -> int | None:
+    """The vector width an OUTDIR's shards must have (None before the first run)."""
+    dim = (manifest or {}).get("dim")
+    return dim if isinstance(dim, int) else None

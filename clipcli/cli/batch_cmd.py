@@ -7,12 +7,9 @@ final summary, ``--max-errors`` and the exit codes. torch is imported only when 
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -51,6 +48,7 @@ from clipcli.cli.common import (
     VerboseOpt,
     handle_errors,
     settings_from,
+    signals_as_interrupt,
 )
 from clipcli.errors import UsageError
 
@@ -65,17 +63,11 @@ HELP = """Embed a whole collection into OUTDIR, resumably and incrementally.
 
 Rerunning the same command embeds only what is new or changed, continues after a crash or Ctrl-C, and never mixes settings. OUTDIR ends with embeddings.npy (rows sorted by source), sources.txt, index.jsonl, errors.jsonl and manifest.json.
 
-Scale out: --engine ray embeds on a Ray cluster; --shard I/N embeds part I of N (one OUTDIR per part, e.g. a Slurm array), and 'clipcli batch merge OUTDIR... -o MERGED' combines the parts (see clipcli batch merge --help).
+Scale out: --engine ray embeds on a Ray cluster; --shard I/N embeds part I of N (one OUTDIR per part, e.g. a Slurm array), and 'clipcli batch merge OUTDIR... -o MERGED' combines the parts (see clipcli batch merge --help). 'clipcli batch check OUTDIR [--repair]' verifies (and repairs) an OUTDIR.
 
 Example: clipcli batch ~/photos -o ~/photo-vectors --feature projected --normalize
 """
 
-MERGE_HELP = """Merge batch OUTDIRs (e.g. the parts of a --shard I/N split) into one result.
-
-MERGED gets embeddings.npy, sources.txt, index.jsonl, errors.jsonl and manifest.json with the rows of every input, sorted by source as a single run would; vectors are copied through memory maps, never all held in memory. Refused (exit 2): inputs made with different settings (model, revision, feature, normalize, preprocessing, dtype, modality), inputs that share a source, and incomplete inputs unless --allow-incomplete.
-
-Example: clipcli batch merge part-1 part-2 part-3 -o vectors
-"""
 ENGINES = ("local", "ray")
 RAY_PANEL = "Ray engine"
 
@@ -183,57 +175,18 @@ class CliEvents:
             self._bar = None
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (``timeout``, systemd, a cron wrapper) stops cleanly like Ctrl-C."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. an embedding host): leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class BatchCommand(TyperCommand):
-    """``batch`` that also answers ``batch merge ...`` (a command cannot have both INPUTS and
-    subcommands, so a first argument ``merge`` hands the rest to the merge command; a directory
-    literally named ``merge`` is given as ``./merge``)."""
+    """``batch`` that also answers ``batch merge ...`` and ``batch check ...`` (a command cannot
+    have both INPUTS and subcommands, so a first argument ``merge`` or ``check`` hands the rest
+    to that command; a directory literally named so is given as ``./merge``, ``./check``)."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
-        if args and args[0] == "merge":
-            return merge_command().make_context(f"{info_name or 'batch'} merge", list(args[1:]), parent=parent, **extra)
+        if args and args[0] in ("merge", "check"):
+            from clipcli.cli import batch_tools
+
+            command = batch_tools.merge_command() if args[0] == "merge" else batch_tools.check_command()
+            return command.make_context(f"{info_name or 'batch'} {args[0]}", list(args[1:]), parent=parent, **extra)
         return super().make_context(info_name, args, parent=parent, **extra)
-
-
-def merge_command() -> click.Command:
-    """The click command behind ``clipcli batch merge``."""
-    merge_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
-
-    @merge_app.command("merge", help=MERGE_HELP)
-    def merge(
-        inputs: Annotated[list[str], typer.Argument(help="Batch output directories to merge (the parts of a --shard split).", metavar="OUTDIR", show_default=False)],
-        output: Annotated[str, typer.Option("--output", "-o", help="Directory for the merged result (new, empty, or an earlier merge result).", metavar="MERGED", show_default=False)],
-        allow_incomplete: Annotated[bool, typer.Option("--allow-incomplete", help="Also merge inputs whose run did not finish (their committed shards: the rows embedded so far).")] = False,
-        wait: Annotated[bool, typer.Option("--wait", help="If a batch run holds an input or MERGED, wait for it instead of exiting with code 4.")] = False,
-        quiet: QuietOpt = False,
-    ) -> None:
-        from clipcli.batch.merge import merge_outputs
-
-        reporter = Reporter(quiet=quiet)
-        with handle_errors(reporter):
-            result = merge_outputs(inputs, output, allow_incomplete=allow_incomplete, wait=wait, warn=reporter.warn)
-            if not quiet:
-                Reporter._line(f"batch merge: {result.summary}")
-        raise typer.Exit(EXIT_OK)
-
-    return typer.main.get_command(merge_app)
 
 
 def register(app: typer.Typer) -> None:
@@ -249,6 +202,7 @@ def register(app: typer.Typer) -> None:
         text_field: Annotated[str | None, typer.Option("--text-field", help="With --texts: the JSON Lines field or CSV/TSV column that holds the text.", metavar="NAME", rich_help_panel=IN_PANEL)] = None,
         hash_: Annotated[bool, typer.Option("--hash", help="Identify file versions by sha256 of their bytes, not size+mtime (reads every file each run).", rich_help_panel=BATCH_PANEL)] = False,
         keep_deleted: Annotated[bool, typer.Option("--keep-deleted", help="Keep rows of sources that no longer exist in the consolidated output.", rich_help_panel=BATCH_PANEL)] = False,
+        allow_deletions: Annotated[bool, typer.Option("--allow-deletions", help="Let this run drop more than half of OUTDIR's rows because their sources are gone (refused otherwise, exit 2: an unmounted folder or a glob that matches nothing must not empty OUTDIR).", rich_help_panel=BATCH_PANEL)] = False,
         wait: Annotated[bool, typer.Option("--wait", help="If another run holds OUTDIR, wait for it instead of exiting with code 4.", rich_help_panel=BATCH_PANEL)] = False,
         max_errors: Annotated[str | None, typer.Option("--max-errors", help="Exit 0 unless more than N inputs (or N% of them) failed (default: any failure exits 1).", metavar="N|N%", rich_help_panel=BATCH_PANEL)] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be embedded, one per line, and exit (no model, nothing written).", rich_help_panel=BATCH_PANEL)] = False,
@@ -297,7 +251,7 @@ def register(app: typer.Typer) -> None:
             code = run_batch(
                 inputs or [], output, settings, reporter,
                 from_files=from_file or [], texts=texts or [], text_field=text_field, hash_files=hash_,
-                keep_deleted=keep_deleted, wait=wait, max_errors=parse_max_errors(max_errors),
+                keep_deleted=keep_deleted, allow_deletions=allow_deletions, wait=wait, max_errors=parse_max_errors(max_errors),
                 dry_run=dry_run, shard_size=shard_size, shard=shard_spec,
                 ray=RayArgs(ray_address, workers or 0, num_gpus_per_worker) if engine == "ray" else None,
             )
@@ -323,6 +277,7 @@ def run_batch(
     text_field: str | None,
     hash_files: bool = False,
     keep_deleted: bool = False,
+    allow_deletions: bool = False,
     wait: bool = False,
     max_errors: tuple[float, bool] | None = None,
     dry_run: bool = False,
@@ -354,7 +309,7 @@ def run_batch(
     for message in collection.warnings:
         reporter.warn(message)
     options = BatchOptions(
-        hash=hash_files, keep_deleted=keep_deleted, shard_size=shard_size, batch_size=settings.batch_size,
+        hash=hash_files, keep_deleted=keep_deleted, allow_deletions=allow_deletions, shard_size=shard_size, batch_size=settings.batch_size,
         workers=settings.workers, wait=wait, out_dtype=settings.out_dtype, shard=shard,
     )
     runner = BatchRunner(output, collection, options=options, events=events, request=request_of(settings, collection.modality))
@@ -378,7 +333,7 @@ def run_batch(
             progress_bars=reporter.verbose and not reporter.quiet,
         ))
     try:
-        with sigterm_as_interrupt():
+        with signals_as_interrupt():
             result = runner.run(lambda: build_encoder(settings, reporter), loader, engine)
     finally:
         events.stop()
@@ -408,7 +363,10 @@ def _dry_run(plan: Plan, reporter: Reporter, keep_deleted: bool) -> int:
     if not reporter.quiet:
         deleted = len(plan.deleted)
         gone = f", {deleted} deleted ({'kept' if keep_deleted else 'to drop from the output'})" if deleted else ""
-        Reporter._line(f"dry run: would embed {len(plan.todo)}, skip {plan.skipped} (already done){gone}")
+        verdict = " - but the run would be refused:" if plan.refusal else ""
+        Reporter._line(f"dry run: would embed {len(plan.todo)}, skip {plan.skipped} (already done){gone}{verdict}")
+    if plan.refusal:
+        raise UsageError(plan.refusal)  # the exit code the real run would have (2)
     return EXIT_OK
 
 

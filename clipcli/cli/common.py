@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
 
-from clipcli.errors import ClipcliError
+from clipcli.errors import ClipcliError, StorageError, storage_error
 from clipcli.sources import safe_display
 
 EXIT_OK = 0
@@ -113,22 +115,86 @@ class Reporter:
             pass
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, turned into the same clean stop as Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signame = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``timeout``, systemd, cron wrappers) and SIGHUP (a closed terminal) stop the run
+    as Ctrl-C does: the KeyboardInterrupt unwinds through the writers, which remove their temp
+    files, and :func:`handle_errors` exits 130.
+
+    A signal the caller ignores (``nohup`` ignores SIGHUP) stays ignored. Signals arriving while
+    the run is already stopping are ignored, so the cleanup itself is not cut short. Outside the
+    main thread (an embedding host) signals are left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if stopping:
+            return
+        stopping.append(signum)
+        raise Interrupted(signum)
+
+    previous: dict[int, Any] = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is None or signal.getsignal(signum) == signal.SIG_IGN:
+            continue
+        previous[signum] = signal.signal(signum, handler)
+    if hasattr(signal, "SIGXFSZ"):
+        # A file size limit (`ulimit -f`) is then an EFBIG write error with a message (exit 5),
+        # not a silent core dump. CPython ignores it at start-up; an embedding host may not.
+        previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
 @contextlib.contextmanager
 def handle_errors(reporter: Reporter | None = None) -> Iterator[None]:
-    """Turn clipcli errors, Ctrl-C and closed pipes into messages and exit codes."""
+    """Turn clipcli errors, Ctrl-C, closed pipes and stray OS errors into one message line and
+    the documented exit code; never a traceback. Commands that write put
+    :func:`signals_as_interrupt` inside it, so SIGTERM/SIGHUP end the same way as Ctrl-C."""
     reporter = reporter or Reporter()
     try:
         yield
     except ClipcliError as exc:
         reporter.error(str(exc))
+        if isinstance(exc, StorageError):
+            _drop_unwritable_stdout()
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        reporter.error("interrupted")
+    except KeyboardInterrupt as exc:
+        reporter.error(f"interrupted ({exc.signame})" if isinstance(exc, Interrupted) else "interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:
         # The reader went away (`| head -n 1`): that is a normal end for a pipe.
         _silence_stdout()
         raise typer.Exit(EXIT_OK) from None
+    except OSError as exc:
+        # Library write paths raise StorageError; this is the net for one that was missed.
+        error = storage_error(exc.filename or "a file", exc, doing="write or read")
+        reporter.error(str(error))
+        _drop_unwritable_stdout()
+        raise typer.Exit(error.exit_code) from None
+
+
+def _drop_unwritable_stdout() -> None:
+    """stdout on a full disk: data still buffered would fail again, noisily, at exit."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        _silence_stdout()
 
 
 def _silence_stdout() -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from clipcli.cli.common import QuietOpt, Reporter, VerboseOpt, handle_errors
+from clipcli.cli.common import QuietOpt, Reporter, VerboseOpt, handle_errors, signals_as_interrupt
 from clipcli.errors import UsageError
 
 KEEP_RULES = ("first", "last", "largest-file", "smallest-file", "newest", "oldest")
@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
         Example: clipcli index vectors/ && clipcli search vectors/ "a red car"
         """
         reporter = Reporter(quiet=quiet, verbose=verbose)
-        with handle_errors(reporter):
+        with handle_errors(reporter), signals_as_interrupt():  # SIGTERM/SIGHUP: temp files removed, exit 130
             run_index(vectors, rebuild=rebuild, nlist=nlist, reporter=reporter)
 
 

@@ -17,11 +17,9 @@ stale and falls back to brute force.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,13 +102,6 @@ class Built:
     rebuilt: bool
 
 
-def _pause(point: str) -> None:
-    """Test-only: ``CLIPCLI_TEST_PAUSE_AT=<point>`` stops here, so a test can kill the process
-    at a known step. One environment lookup otherwise."""
-    if os.environ.get("CLIPCLI_TEST_PAUSE_AT") == point:
-        time.sleep(3600)
-
-
 @contextlib.contextmanager
 def _exclusive(vectors: VectorSet) -> Iterator[None]:
     """One ``clipcli index`` at a time per vectors file (flock on the vectors themselves, so no
@@ -128,10 +119,11 @@ def _exclusive(vectors: VectorSet) -> Iterator[None]:
 
 
 def _remove_temporaries(path: Path, meta_path: Path) -> None:
-    """Temp files of a run that was killed (AtomicFile names: ``.NAME.XXXX.tmp``)."""
-    for name in (path.name, _ids_path(path).name, meta_path.name):
-        for stale in path.parent.glob(f".{glob.escape(name)}.*.tmp"):
-            stale.unlink(missing_ok=True)
+    """Temp files of a killed run (their writer is gone), for the three index files."""
+    from clipcli.atomic import remove_stale_temps
+
+    for target in (path, _ids_path(path), meta_path):
+        remove_stale_temps(target)
 
 
 def build(vectors: VectorSet, *, nlist: int | None = None, rebuild: bool = False) -> Built:
@@ -204,7 +196,7 @@ def _save(faiss: Any, index: Any, path: Path, meta_path: Path, table: np.ndarray
     """Index, id table and sidecar, each atomically. The sidecar is the commit mark: it is
     removed first and written last, so a failure part-way leaves no index (search goes brute
     force, the next ``clipcli index`` rebuilds), never an index that disagrees with its table."""
-    from clipcli.writers import AtomicFile
+    from clipcli.atomic import AtomicFile, pause_point
 
     files: list[AtomicFile] = []
     errors: list[OSError] = []
@@ -228,13 +220,13 @@ def _save(faiss: Any, index: Any, path: Path, meta_path: Path, table: np.ndarray
             if errors:
                 raise errors[0] from None
             raise
-        _pause("index-written")
+        pause_point("index-written")  # test-only (clipcli.atomic)
         index_file.commit()
         target = _ids_path(path)
         ids_file = AtomicFile(target, "wb")
         files.append(ids_file)
         np.save(ids_file.handle, table, allow_pickle=False)
-        _pause("ids-written")
+        pause_point("ids-written")
         ids_file.commit()
         target = meta_path
         meta_file = AtomicFile(meta_path, "w")

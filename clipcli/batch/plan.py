@@ -1,0 +1,115 @@
+"""What a batch run will do: the sources as they are now, and which of them to embed.
+
+:func:`parse_shard` / :func:`shard_of` decide the ``--shard I/N`` part of a source;
+:class:`Item` is one source with its index record; :class:`Plan` is the outcome of planning
+(done, to embed, deleted, failed while listing). No I/O beyond ``stat`` and ``--hash`` reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from clipcli.errors import UsageError
+from clipcli.pipeline import Failed
+from clipcli.sources import has_url_scheme, is_url
+
+_HASH_CHUNK = 1 << 20
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` (1 <= I <= N) -> (I, N); anything else is a UsageError (exit 2)."""
+    parts = text.strip().split("/")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        index, count = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise UsageError(f"invalid --shard {text!r}: expected I/N, e.g. 1/4 (part I of N, counted from 1)") from None
+    if count < 1 or not 1 <= index <= count:
+        raise UsageError(f"invalid --shard {text!r}: I must be between 1 and N (1/{max(count, 1)} .. {max(count, 1)}/{max(count, 1)})")
+    return index, count
+
+
+def shard_of(source: str, count: int) -> int:
+    """Which part (1..count) a source belongs to: sha256 of its label, mod ``count``.
+
+    Hashing each source on its own (not its position in the sorted list) keeps every source in
+    its part when others are added or removed, so incremental reruns of each part stay
+    incremental. The same label always lands in the same part, on any machine.
+    """
+    digest = hashlib.sha256(source.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") % count + 1
+
+
+def shard_label(shard: tuple[int, int] | None) -> str | None:
+    return None if shard is None else f"{shard[0]}/{shard[1]}"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One source as it is now: its label, its index record and, for texts, the text."""
+
+    source: str
+    record: dict[str, Any]
+    text: str | None = None
+
+
+@dataclass
+class Plan:
+    """What a run will do."""
+
+    modality: str
+    current: dict[str, Item]  # every source found now, by label
+    todo: list[Item]  # sorted; to embed in this run
+    skipped: int  # already embedded in this version
+    deleted: list[str]  # in OUTDIR but gone from the inputs (sorted)
+    failures: list[Failed]  # inputs that failed while collecting
+    refusal: str | None = None  # why the run must not go on (the mass-deletion guard), if it must not
+
+    @property
+    def total(self) -> int:
+        """Inputs considered: sources found plus inputs that could not even be listed."""
+        return len(self.current) + len(self.failures)
+
+
+def file_record(source: str, *, hashed: bool) -> dict[str, Any]:
+    """The index record of an image source as it is now."""
+    record: dict[str, Any] = {"source": source}
+    if is_url(source) or has_url_scheme(source):
+        return record
+    try:
+        st = os.stat(source)
+    except OSError:
+        record["unreadable"] = True
+        return record
+    record["size"] = st.st_size
+    record["mtime_ns"] = st.st_mtime_ns
+    if hashed:
+        digest = sha256_of_file(source)
+        if digest is None:
+            record["unreadable"] = True
+        else:
+            record["sha256"] = digest
+    return record
+
+
+def sha256_of_file(path: str) -> str | None:
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None  # never block on a FIFO
+        h = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError:
+        return None
