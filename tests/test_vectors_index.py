@@ -55,9 +55,10 @@ def test_index_search_equals_brute_force_and_refreshes_incrementally(tiny_model:
     assert indexed[0] == brute[0]
     np.testing.assert_array_equal(indexed[1], brute[1])  # exact scores, not the quantised ones
 
-    # batch adds two rows (they sort between the old ones): the index is stale until refreshed.
+    # batch --no-index adds two rows (they sort between the old ones): the index is stale
+    # until refreshed.
     _photos(photos, ["astronaut.jpg", "hubble-deep-field.jpg"])
-    assert run(*batch).exit_code == 0
+    assert run(*batch, "--no-index").exit_code == 0
     stale = _search(out, *query)
     assert "not using the index (the vectors changed since it was built)" in stale[2]
     assert "clipcli index" in stale[2]
@@ -70,9 +71,12 @@ def test_index_search_equals_brute_force_and_refreshes_incrementally(tiny_model:
     fresh, brute5 = _search(out, *query), _search(out, *query, "--no-index")
     assert "used the faiss index" in fresh[2] and fresh[0] == brute5[0]
 
+    # A plain batch run brings the index up to date itself.
     (photos / "rocket.jpg").unlink()
-    assert run(*batch).exit_code == 0
-    assert run("index", str(out)).stderr == f"index: updated (+0 -1) {out / 'index.faiss'}: 4 rows\n"
+    refreshed = run(*batch[:-1])
+    assert refreshed.exit_code == 0, refreshed.stderr
+    assert f"index: updated (+0 -1) {out / 'index.faiss'}: 4 rows" in refreshed.stderr
+    assert run("index", str(out)).stderr == f"index: updated (+0 -0) {out / 'index.faiss'}: 4 rows\n"
     after, brute4 = _search(out, *query, "-k", "4"), _search(out, *query, "-k", "4", "--no-index")
     assert after[0] == brute4[0] and not any("rocket" in s for s in after[0])
     # The incremental index answers like one built from scratch.
@@ -123,6 +127,22 @@ def test_without_faiss_index_exits_2_with_the_install_hint(tmp_path: Path) -> No
                             env=env, capture_output=True, text=True, timeout=120)
     assert forced.returncode == 2 and "pip install 'clipcli[faiss]'" in forced.stderr
     assert "Traceback" not in blocked.stderr + searched.stderr + forced.stderr
+
+
+def test_batch_without_faiss_warns_that_the_index_is_stale(tiny_model: str, tmp_path: Path) -> None:
+    photos = _photos(tmp_path / "photos", ["chelsea.jpg", "coffee.jpg"])
+    out = tmp_path / "out"
+    batch = ["batch", str(photos), "-o", str(out), "-m", tiny_model, "--feature", "projected"]
+    assert run(*batch).exit_code == 0 and run("index", str(out)).exit_code == 0
+    _photos(photos, ["rocket.jpg"])
+    code = ("import sys; sys.modules['faiss'] = None\n"
+            "from clipcli.cli import main; sys.argv = ['clipcli'] + sys.argv[1:]; main()")
+    result = subprocess.run([sys.executable, "-c", code, *batch], env=subprocess_env(), capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr  # the vectors are complete; only the index lags
+    assert f"warning: the faiss index beside {out} was not updated" in result.stderr
+    assert "pip install 'clipcli[faiss]'" in result.stderr and "Traceback" not in result.stderr
+    assert np.load(out / "embeddings.npy").shape[0] == 3
 
 
 @contextlib.contextmanager

@@ -205,6 +205,7 @@ def register(app: typer.Typer) -> None:
         allow_deletions: Annotated[bool, typer.Option("--allow-deletions", help="Let this run drop more than half of OUTDIR's rows because their sources are gone (refused otherwise, exit 2: an unmounted folder or a glob that matches nothing must not empty OUTDIR).", rich_help_panel=BATCH_PANEL)] = False,
         wait: Annotated[bool, typer.Option("--wait", help="If another run holds OUTDIR, wait for it instead of exiting with code 4.", rich_help_panel=BATCH_PANEL)] = False,
         max_errors: Annotated[str | None, typer.Option("--max-errors", help="Exit 0 unless more than N inputs (or N% of them) failed (default: any failure exits 1).", metavar="N|N%", rich_help_panel=BATCH_PANEL)] = None,
+        refresh_index: Annotated[bool, typer.Option("--index/--no-index", help="After the run, bring the faiss index beside OUTDIR (clipcli index) up to date, incrementally, when there is one. (default: yes)", rich_help_panel=BATCH_PANEL, show_default=False)] = True,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be embedded, one per line, and exit (no model, nothing written).", rich_help_panel=BATCH_PANEL)] = False,
         shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Rows per shard file: at most this much work is lost on a crash.", rich_help_panel=BATCH_PANEL)] = DEFAULT_SHARD_SIZE,
         shard: Annotated[str | None, typer.Option("--shard", help="Embed only part I of N of the sources (by a hash of each source: stable as files come and go), into this part's own OUTDIR; combine the parts with 'clipcli batch merge'.", metavar="I/N", rich_help_panel=BATCH_PANEL)] = None,
@@ -255,6 +256,8 @@ def register(app: typer.Typer) -> None:
                 dry_run=dry_run, shard_size=shard_size, shard=shard_spec,
                 ray=RayArgs(ray_address, workers or 0, num_gpus_per_worker) if engine == "ray" else None,
             )
+            if refresh_index and not dry_run:
+                _refresh_index(output, reporter)
         raise typer.Exit(code)
 
 
@@ -340,6 +343,27 @@ def run_batch(
         loader.close()
     _report(result, events, reporter)
     return EXIT_INPUTS_FAILED if too_many_failures(result.failed, result.plan.total, max_errors) else EXIT_OK
+
+
+def _refresh_index(output: str, reporter: Reporter) -> None:
+    """The faiss index beside OUTDIR follows the rows the run added or dropped. A failure here
+    is a warning: the vectors are complete, and `search` skips a stale index by itself."""
+    from pathlib import Path
+
+    if not (Path(output) / "index.faiss.json").is_file():  # no index: nothing to import
+        return
+    from clipcli.batch.lock import OutputLock
+    from clipcli.errors import ClipcliError
+    from clipcli.vectors.index import refresh_beside
+
+    try:
+        with OutputLock(output):
+            built = refresh_beside(output)
+    except ClipcliError as exc:
+        reporter.warn(f"the faiss index beside {output} was not updated ({exc}); `clipcli index {output}` updates it")
+        return
+    if built is not None and not reporter.quiet:
+        Reporter._line(f"index: updated (+{built.added} -{built.removed}) {built.path}: {built.rows} rows")
 
 
 @dataclass(frozen=True)

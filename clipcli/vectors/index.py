@@ -308,3 +308,18 @@ def _rows_of(found: np.ndarray, table: np.ndarray) -> np.ndarray:
     pos = np.minimum(pos, table.shape[1] - 1)
     hit = table[0][pos] == found
     return table[1][pos[hit]]
+
+
+def refresh_beside(outdir: str | Path) -> Built | None:
+    """After a ``batch`` run: bring the index beside ``outdir`` up to date, incrementally.
+
+    None where there is no index or it is already current. Raises like :func:`build` (the
+    install hint without faiss, OutputLockedError while another index run holds it).
+    """
+    from clipcli.vectors.store import open_vectors
+
+    vectors = open_vectors(outdir)
+    meta = read_meta(vectors)
+    if meta is None or stale_reason(vectors, meta) is None:
+        return None
+    return build(vectors)
