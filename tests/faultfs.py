@@ -1,15 +1,17 @@
 """A FUSE passthrough file system that fails writes on demand (test-only; fusepy + libfuse2).
 
-Run as its own process: ``python faultfs.py BACKING MOUNT CONTROL``. It mirrors the directory
+Run as its own process: ``python faultfs.py BACKING MOUNT CONTROL [OWNER_PID]`` (it unmounts
+itself when OWNER_PID is gone). It mirrors the directory
 BACKING at MOUNT; every ``write``/``fsync``/``create`` first reads the small file CONTROL:
 
 - empty or missing: no fault, a plain passthrough;
-- ``ERRNO AFTER [TOKEN]`` (``EIO 8192 3``): once AFTER more bytes have been written through the
-  mount since this content appeared, every ``write`` and ``fsync`` fails with ERRNO; the write
-  that would cross AFTER fails whole (nothing of it reaches BACKING), and from then on the
-  budget stays spent (a failed device stays failed); ``create`` fails too while it is spent.
-  TOKEN only makes a re-arm with the same values a new content (the byte count starts again at
-  zero whenever the content changes).
+- ``ERRNO AFTER SERIAL [MATCH]`` (``EIO 8192 3 out.npy``): once AFTER more bytes have been
+  written through the mount since this content appeared, every ``write`` and ``fsync`` fails
+  with ERRNO; the write that would cross AFTER fails whole (nothing of it reaches BACKING), and
+  from then on the budget stays spent (a failed device stays failed); ``create`` fails too while
+  it is spent. With MATCH only files whose path contains MATCH count and fail (the target of a
+  test, not its neighbours). SERIAL only makes a re-arm with the same values a new content (the
+  byte count starts again at zero whenever the content changes).
 
 Reads, renames, unlinks and directory operations always pass through, so the code under test
 can still clean up its temporary files and read its previous outputs: the device fails writes,
@@ -39,8 +41,8 @@ class FaultFS(Operations):
 
     # ------------------------------------------------------------------ the fault
 
-    def _fault(self, size: int) -> int | None:
-        """The errno this operation of ``size`` bytes must fail with, or None (and count it)."""
+    def _fault(self, path: str, size: int) -> int | None:
+        """The errno this operation on ``path`` of ``size`` bytes must fail with, or None (and count it)."""
         try:
             with open(self.control) as handle:
                 spec = handle.read().strip()
@@ -51,15 +53,17 @@ class FaultFS(Operations):
                 self._spec, self._written = spec, 0
             if not spec:
                 return None
-            name, after = spec.split()[:2]
+            name, after, _serial, *match = spec.split(maxsplit=3)
+            if match and match[0] not in path:
+                return None
             if self._written + size > int(after) or (size == 0 and self._written >= int(after)):
                 self._written = max(self._written, int(after))  # spent: a failed device stays failed
                 return getattr(errno, name)
             self._written += size
             return None
 
-    def _check(self, size: int) -> None:
-        code = self._fault(size)
+    def _check(self, path: str, size: int) -> None:
+        code = self._fault(path, size)
         if code is not None:
             raise FuseOSError(code)
 
@@ -123,14 +127,16 @@ class FaultFS(Operations):
         return os.open(self._full(path), flags)
 
     def create(self, path: str, mode: int, fi: Any = None) -> int:
-        self._check(0)
-        return os.open(self._full(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        self._check(path, 0)
+        # Read-write, whatever the caller asked: fusepy does not pass the flags here, and a
+        # write-only handle would fail the reads of a file created O_RDWR (an mmap then SIGBUSes).
+        return os.open(self._full(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         return os.pread(fh, size, offset)
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-        self._check(len(data))
+        self._check(path, len(data))
         return os.pwrite(fh, data, offset)
 
     def truncate(self, path: str, length: int, fh: Any = None) -> None:
@@ -144,12 +150,30 @@ class FaultFS(Operations):
         os.close(fh)
 
     def fsync(self, path: str, datasync: int, fh: int) -> None:
-        self._check(0)
+        self._check(path, 0)
         os.fsync(fh)
 
 
+def watch_owner(owner: int, mount: str) -> None:
+    """Unmount when the owning test process is gone (killed, crashed): never leave a mount."""
+    import subprocess
+    import time
+
+    while True:
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            subprocess.run(["umount", "-l", mount], check=False, capture_output=True, timeout=20)
+            os._exit(0)
+        except PermissionError:
+            pass  # alive, another user's
+        time.sleep(0.5)
+
+
 def main(argv: list[str]) -> None:
-    backing, mount, control = argv
+    backing, mount, control, *owner = argv
+    if owner:
+        threading.Thread(target=watch_owner, args=(int(owner[0]), mount), daemon=True).start()
     # Single-threaded, foreground: the test owns this process and unmounts it in its teardown.
     FUSE(FaultFS(backing, control), mount, foreground=True, nothreads=True)
 

@@ -38,23 +38,26 @@ class FaultMount:
         for directory in (self.backing, self.path):
             directory.mkdir(parents=True, exist_ok=True)
         self.control.write_text("")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(FAULTFS), str(self.backing), str(self.path), str(self.control)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
+        self.log = base / "faultfs.log"  # a file, not a pipe: a full pipe would hang the file system
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(FAULTFS), str(self.backing), str(self.path), str(self.control), str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )
         deadline = time.monotonic() + 20
         while not os.path.ismount(self.path):
             if self.proc.poll() is not None:
-                pytest.fail(f"faultfs did not mount (rc {self.proc.returncode}): {self.proc.stderr.read()}")
+                pytest.fail(f"faultfs did not mount (rc {self.proc.returncode}): {self.log.read_text()}")
             if time.monotonic() > deadline:
                 self.close()
                 pytest.fail("faultfs did not mount within 20 s")
             time.sleep(0.02)
 
-    def fail(self, errno_name: str, after: int = 0) -> None:
-        """From now on, writes past ``after`` more bytes fail with ``errno_name`` (``EIO``...)."""
+    def fail(self, errno_name: str, after: int = 0, match: str = "") -> None:
+        """From now on, writes past ``after`` more bytes fail with ``errno_name`` (``EIO``...);
+        with ``match``, only writes to paths containing it count and fail."""
         self._serial += 1
-        self._set(f"{errno_name} {after} {self._serial}\n")
+        self._set(f"{errno_name} {after} {self._serial} {match}".rstrip() + "\n")
 
     def heal(self) -> None:
         """Lift the fault: a plain passthrough again."""
