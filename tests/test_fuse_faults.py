@@ -23,7 +23,7 @@ from fault_helpers import Paused, assert_same, clipcli, manifest, temporaries  #
 from fault_helpers import assert_one_error as assert_one_error_line  # noqa: E402
 from fuse_helpers import FaultMount, fault_mount  # noqa: E402
 from io_fault_helpers import assert_one_error, invoke  # noqa: E402
-from test_batch_faults import args, collection, parts, reference  # noqa: E402,F401 - the shared fixtures
+from test_batch_faults import ARGS, args, collection, parts, reference  # noqa: E402,F401 - the shared fixtures
 
 from clipcli.errors import storage_reason  # noqa: E402
 
@@ -110,7 +110,7 @@ def test_batch_eio_while_writing_shards(tiny_model: str, collection: Path, refer
     assert temporaries(out) == []
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-000000.jsonl", "shard-000000.npy"]
 
-    result = cli(str(collection), "-o", str(out), "-m", tiny_model, "--shard-size", "4", "--batch-size", "2")
+    result = cli(str(collection), "-o", str(out), "-m", tiny_model, *ARGS)
     assert result.exit_code == 0, result.stderr
     assert manifest(out)["counts"]["skipped"] == 4  # the shard committed before the fault was kept
     assert_same(out, reference)
@@ -120,7 +120,7 @@ def test_batch_edquot_during_consolidation(tiny_model: str, collection: Path, re
                                            tmp_path: Path, request: pytest.FixtureRequest) -> None:
     out = work(fs, request) / "out"
     first = [str(p) for p in sorted(collection.iterdir())[:8]]
-    assert cli(*first, "-o", str(out), "-m", tiny_model, "--shard-size", "4", "--batch-size", "2").exit_code == 0
+    assert cli(*first, "-o", str(out), "-m", tiny_model, *ARGS).exit_code == 0
     before = {name: (out / name).read_bytes() for name in ("embeddings.npy", "sources.txt", "index.jsonl")}
 
     paused = Paused(tmp_path, "consolidate-start", *args(collection, out, tiny_model))
@@ -136,7 +136,7 @@ def test_batch_edquot_during_consolidation(tiny_model: str, collection: Path, re
     check = clipcli("batch", "check", str(out))  # the manifest's record of them was kept too
     assert check.returncode == 0, check.stdout + check.stderr
 
-    result = cli(str(collection), "-o", str(out), "-m", tiny_model, "--shard-size", "4", "--batch-size", "2")
+    result = cli(str(collection), "-o", str(out), "-m", tiny_model, *ARGS)
     assert result.exit_code == 0, result.stderr
     assert manifest(out)["counts"]["embedded"] == 0  # nothing lost: only consolidated again
     assert_same(out, reference)
@@ -147,14 +147,14 @@ def test_batch_merge_eio(parts: list[Path], reference: Any, fs: FaultMount, requ
     assert clipcli("batch", "merge", *map(str, parts), "-o", str(merged)).returncode == 0
     before = {p.name: p.read_bytes() for p in merged.iterdir() if p.is_file()}
 
-    fs.fail("EIO", after=2048)  # the merge's manifest may start; the vectors do not get through
+    fs.fail("EIO", after=2048)  # the merge's small manifest gets through; its vectors do not
     proc = clipcli("batch", "merge", *map(str, parts), "-o", str(merged))
     fs.heal()
     assert proc.returncode == 5, proc.stderr
-    line = assert_one_error_line(proc.stderr, "cannot", str(merged), reason("EIO"))
+    assert_one_error_line(proc.stderr, f"cannot write {merged / 'embeddings.npy'}", reason("EIO"))
     assert temporaries(merged) == []
     for name in ("embeddings.npy", "sources.txt", "index.jsonl"):  # the earlier merge result
-        assert (merged / name).read_bytes() == before[name], line
+        assert (merged / name).read_bytes() == before[name]
 
     proc = clipcli("batch", "merge", *map(str, parts), "-o", str(merged))
     assert proc.returncode == 0, proc.stderr
@@ -174,9 +174,9 @@ def test_config_set_eio(fs: FaultMount, request: pytest.FixtureRequest, tmp_path
     assert invoke(["config", "set", "batch_size", "8"]).exit_code == 0
     before = config.read_bytes()
 
-    fs.fail("EIO")
+    fs.fail("EIO", after=8, match="config.toml")  # its temp file is created, the write fails
     result = invoke(["config", "set", "workers", "3"])
-    assert_one_error(result, 5, f"cannot write {config}: {reason('EIO')}")
+    assert_one_error(result, 5, f"cannot write settings file {config}: {reason('EIO')}")
     assert config.read_bytes() == before
     assert temporaries(where) == []
 
