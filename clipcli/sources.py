@@ -107,3 +107,13 @@ def safe_display(ref: str, limit: int = 300) -> str:
             out.append(ch.encode("unicode_escape").decode("ascii"))
     text = "".join(out)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` as it can be written to a UTF-8 file: a name that is not valid UTF-8 (lone
+    surrogates from ``os.fsdecode``) keeps readable backslash escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

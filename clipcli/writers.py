@@ -23,6 +23,7 @@ import numpy as np
 
 from clipcli.atomic import AtomicFile, DirectFile, check_writable, is_special, open_output, remove_stale_temps
 from clipcli.errors import StorageError, UsageError, storage_error
+from clipcli.sources import utf8_safe
 
 __all__ = [
     "AtomicFile", "Writer", "escape_line", "infer_format", "output_files", "prepare_output", "read_sources",
@@ -82,15 +83,6 @@ class _WriteOnly:
 
     def __init__(self, handle: IO[bytes]) -> None:
         self.write = handle.write
-
-
-def _encodable(text: str) -> str:
-    """Outputs are UTF-8: a file name that is not (lone surrogates) keeps readable escapes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
 
 
 def output_files(target: str, fmt: str) -> list[Path]:
@@ -191,7 +183,7 @@ class Writer:
         matrix = np.stack([np.asarray(item.vector) for item in items]).astype(self.dtype)
         if self.dim == 0:
             self.dim = matrix.shape[1]
-        sources = [_encodable(item.source) for item in items]
+        sources = [utf8_safe(item.source) for item in items]
         if self.format == "jsonl":
             assert self._stream is not None
             lines = [

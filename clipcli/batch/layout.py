@@ -42,6 +42,7 @@ from clipcli.batch import storage
 from clipcli.batch.storage import TempFile, fsync_dir, pause_at, write_atomic
 from clipcli.batch.verify import check_shard, npy_bytes, shard_trailer
 from clipcli.errors import UsageError, storage_error
+from clipcli.sources import utf8_safe
 from clipcli.writers import escape_line
 
 LAYOUT_VERSION = 2  # 2: shard index parts end with a checksum line; manifests record output checksums
@@ -290,21 +291,12 @@ class Layout:
         return write_outputs(
             selection, dim, dtype, arrays=arrays,
             targets=(self.embeddings_path, self.sources_path, self.index_path),
-            source_line=lambda ref: _encodable(escape_line(json.loads(ref.line)["source"])),
+            source_line=lambda ref: utf8_safe(escape_line(json.loads(ref.line)["source"])),
         )
 
     @property
     def output_names(self) -> dict[str, str]:
         return {"embeddings": self.embeddings_path.name, "sources": self.sources_path.name, "index": self.index_path.name}
-
-
-def _encodable(text: str) -> str:
-    """sources.txt is UTF-8: a name that is not valid UTF-8 keeps its escapes readable."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
 
 
 class ErrorLog:
