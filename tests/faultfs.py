@@ -2,7 +2,7 @@
 
 Run as its own process: ``python faultfs.py BACKING MOUNT CONTROL [OWNER_PID]`` (it unmounts
 itself when OWNER_PID is gone). It mirrors the directory
-BACKING at MOUNT; every ``write``/``fsync``/``create`` first reads the small file CONTROL:
+BACKING at MOUNT; every ``write``/``fsync``/``create``/``read`` first reads the small file CONTROL:
 
 - empty or missing: no fault, a plain passthrough;
 - ``ERRNO AFTER SERIAL [MATCH]`` (``EIO 8192 3 out.npy``): once AFTER more bytes have been
@@ -12,6 +12,9 @@ BACKING at MOUNT; every ``write``/``fsync``/``create`` first reads the small fil
   it is spent. With MATCH only files whose path contains MATCH count and fail (the target of a
   test, not its neighbours). SERIAL only makes a re-arm with the same values a new content (the
   byte count starts again at zero whenever the content changes).
+- ``read-ERRNO 0 SERIAL [MATCH]``: writes pass; every ``read`` of a path containing MATCH fails
+  with ERRNO (an unreadable sector). An open file that was unlinked is read by libfuse under a
+  ``.fuse_hidden*`` name: MATCH ``.fuse_hidden`` hits exactly such files.
 
 Reads, renames, unlinks and directory operations always pass through, so the code under test
 can still clean up its temporary files and read its previous outputs: the device fails writes,
@@ -41,20 +44,30 @@ class FaultFS(Operations):
 
     # ------------------------------------------------------------------ the fault
 
-    def _fault(self, path: str, size: int) -> int | None:
-        """The errno this operation on ``path`` of ``size`` bytes must fail with, or None (and count it)."""
+    def _spec_now(self) -> str:
         try:
             with open(self.control) as handle:
-                spec = handle.read().strip()
+                return handle.read().strip()
         except FileNotFoundError:
-            spec = ""
+            return ""
+
+    def _read_fault(self, path: str) -> int | None:
+        """The errno a read of ``path`` must fail with, or None."""
+        name, _after, _serial, *match = (self._spec_now() or "- 0 0").split(maxsplit=3)
+        if not name.startswith("read-") or (match and match[0] not in path):
+            return None
+        return getattr(errno, name.removeprefix("read-"))
+
+    def _fault(self, path: str, size: int) -> int | None:
+        """The errno this operation on ``path`` of ``size`` bytes must fail with, or None (and count it)."""
+        spec = self._spec_now()
         with self._lock:
             if spec != self._spec:
                 self._spec, self._written = spec, 0
             if not spec:
                 return None
             name, after, _serial, *match = spec.split(maxsplit=3)
-            if match and match[0] not in path:
+            if name.startswith("read-") or (match and match[0] not in path):
                 return None
             if self._written + size > int(after) or (size == 0 and self._written >= int(after)):
                 self._written = max(self._written, int(after))  # spent: a failed device stays failed
@@ -133,6 +146,9 @@ class FaultFS(Operations):
         return os.open(self._full(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        code = self._read_fault(path)
+        if code is not None:
+            raise FuseOSError(code)
         return os.pread(fh, size, offset)
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:

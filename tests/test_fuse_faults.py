@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -22,7 +23,7 @@ from batch_helpers import cli  # noqa: E402
 from fault_helpers import Paused, assert_same, clipcli, manifest, temporaries  # noqa: E402
 from fault_helpers import assert_one_error as assert_one_error_line  # noqa: E402
 from fuse_helpers import FaultMount, fault_mount  # noqa: E402
-from io_fault_helpers import assert_one_error, invoke  # noqa: E402
+from io_fault_helpers import assert_one_error, invoke, run  # noqa: E402
 from test_batch_faults import ARGS, args, collection, parts, reference  # noqa: E402,F401 - the shared fixtures
 
 from clipcli.errors import storage_reason  # noqa: E402
@@ -89,6 +90,36 @@ def test_embed_text_output_fails_mid_write(tiny_model: str, tmp_path: Path, fs: 
     rerun = invoke(["embed-text", "-", "--model", tiny_model, "-o", str(out)], TEXTS)
     assert rerun.exit_code == 0, rerun.stderr
     assert out.read_bytes() == expected.read_bytes()
+    assert temporaries(where) == []
+
+
+@pytest.mark.parametrize("name", ["out.npy", "out.npz"])
+def test_embed_text_unreadable_row_spool(tiny_model: str, tmp_path: Path, fs: FaultMount,
+                                         request: pytest.FixtureRequest, name: str) -> None:
+    """npy/npz rows wait in an unlinked spool file on the output's file system; reading it back
+    fails with EIO. Read through a memory map this was a SIGBUS (exit -7, no message)."""
+    where = work(fs, request)
+    out = where / name
+    assert invoke(["embed-text", "an earlier run", "--model", tiny_model, "-o", str(out)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in where.iterdir()}
+
+    fs.fail("read-EIO", match=".fuse_hidden")  # only the unlinked spool is read under that name
+    result = run(["embed-text", "-", "--model", tiny_model, "-o", str(out)], input=TEXTS)  # a real process
+    assert_one_error(result, 5, f"cannot write {out}: {reason('EIO')}")
+    assert {p.name: p.read_bytes() for p in where.iterdir()} == before  # no spool, no temp file left
+
+    fs.heal()
+    expected = tmp_path / name
+    assert invoke(["embed-text", "-", "--model", tiny_model, "-o", str(expected)], TEXTS).exit_code == 0
+    rerun = invoke(["embed-text", "-", "--model", tiny_model, "-o", str(out)], TEXTS)
+    assert rerun.exit_code == 0, rerun.stderr
+    if name.endswith(".npy"):
+        assert out.read_bytes() == expected.read_bytes()
+    else:  # zip members carry their write time: compare what a reader gets
+        with np.load(out) as got, np.load(expected) as want:
+            assert sorted(got.files) == sorted(want.files)
+            for key in want.files:
+                np.testing.assert_array_equal(got[key], want[key])
     assert temporaries(where) == []
 
 
