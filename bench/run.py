@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE))
 
 import inputs  # noqa: E402
 
-GROUPS = ("images", "where", "texts", "int8", "compile", "start", "memory", "gpu")
+GROUPS = ("images", "where", "texts", "int8", "compile", "start", "memory", "gpu", "vectors")
 TARGETS_E2E = {"640x480": 0.9, "1920x1080": 0.9, "12MP": 0.8}
 FIDELITY_TOL = 1e-5
 
@@ -804,6 +804,14 @@ def main(argv: list[str] | None = None) -> int:
                 bench.memory()
             elif group == "compile":
                 bench.compiled(device, dtype)
+            elif group == "vectors":
+                # Issue #15's rows (search / index / dedup over synthetic vectors): their own
+                # script and report (bench/vectors_bench.py), beside this one's.
+                vectors_out = Path(ARGS.out).with_name("vectors.json")
+                cmd = [sys.executable, str(HERE / "vectors_bench.py"), "--out", str(vectors_out)]
+                if ARGS.quick:
+                    cmd += ["--rows", "100000", "--dedup-rows", "10000", "--queries", "3"]
+                subprocess.run(cmd, check=False)
             elif group == "gpu" and not ARGS.no_gpu:
                 import torch
 

@@ -521,7 +521,8 @@ def test_collect_texts_reports_unreadable_file(tmp_path: Path) -> None:
     assert [(f.source, f.reason) for f in found.failures] == [(str(tmp_path / "missing.txt"), "no such file")]
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff\xfe\x00bad")
-    assert "not UTF-8" in collect_texts([str(bad)]).failures[0].reason
+    (failure,) = collect_texts([str(bad)]).failures  # per line: the line, not the whole file
+    assert failure.source == f"{bad}:1" and "not valid UTF-8" in failure.reason
 
 
 def test_quiet_prints_only_skips_and_sigterm_is_an_interrupt(tiny_model: str, photos: Path, tmp_path: Path) -> None:

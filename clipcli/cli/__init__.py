@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from clipcli import __version__
-from clipcli.cli import batch_cmd, config_cmd, embed, serve_cmd
+from clipcli.cli import batch_cmd, config_cmd, embed, search_cmd, serve_cmd
 
 app = typer.Typer(
     name="clipcli",
@@ -33,6 +33,7 @@ def _root(
 
 embed.register(app)
 batch_cmd.register(app)
+search_cmd.register(app)  # search, similar, dedup, index, classify
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(serve_cmd.app, name="serve")
 

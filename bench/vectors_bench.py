@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Bench rows for using the vectors (issue #15): ``search`` over a synthetic OUTDIR of
+1,000,000 × 512 float16 vectors, brute force and through the faiss index (recall@10 against
+brute force), and ``dedup`` over 100,000 vectors: wall time and peak RSS above the process
+baseline.
+
+The synthetic vectors are clustered (unit vectors around 2,000 random centres), because
+uniformly random vectors have no neighbourhoods for an index to find; the OUTDIR is written
+under a temporary directory (``--tmp``, default /tmp) and deleted at the end. Every measured
+row runs in its own process; peak RSS is that process's VmHWM minus its VmRSS after imports and
+opening the vectors (the baseline; torch is imported before it, as the float16 search path
+uses torch: its import's RSS is recorded as ``torch_import_rss_mib``). Numbers are written to JSON and Markdown as measured.
+
+    python bench/vectors_bench.py                          # the full rows (make bench)
+    python bench/vectors_bench.py --rows 200000 --dedup-rows 20000 --out /tmp/v.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+TARGET_QUERY_S = 1.0
+TARGET_RSS_MIB = 300
+TARGET_RECALL = 0.95
+TARGET_SPEEDUP = 20.0
+
+
+def _status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_outdir(path: Path, rows: int, dim: int, *, seed: int = 0, clusters: int = 2000) -> None:
+    """A batch-shaped OUTDIR (manifest, embeddings.npy float16, sources.txt) written in chunks."""
+    import numpy as np
+
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    matrix = np.lib.format.open_memmap(path / "embeddings.npy", mode="w+", dtype=np.float16, shape=(rows, dim))
+    with open(path / "sources.txt", "w") as sources:
+        for first in range(0, rows, 65536):
+            n = min(65536, rows - first)
+            block = centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+            matrix[first : first + n] = block.astype(np.float16)
+            sources.write("".join(f"/data/photos/{i // 1000:04d}/{i:07d}.jpg\n" for i in range(first, first + n)))
+    matrix.flush()
+    del matrix
+    manifest = {"format": "clipcli-batch", "layout_version": 1, "status": "complete", "modality": "image",
+                "model": "synthetic", "family": "clip", "feature": "projected", "normalized": True,
+                "dtype": "float16", "dim": dim}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measured row, in this (fresh) process."""
+    import numpy as np
+
+    from clipcli.vectors import index as ann
+    from clipcli.vectors.scoring import duplicate_groups, top_k
+    from clipcli.vectors.store import open_vectors
+
+    rss_before_torch = _status_mib("VmRSS")
+    import torch  # noqa: F401 - the float16 search path uses it; its import is part of the baseline
+
+    torch_import_mib = round(_status_mib("VmRSS") - rss_before_torch, 1)
+    vs = open_vectors(spec["vectors"])
+    rng = np.random.default_rng(1)
+    queries = [np.asarray(vs.matrix[int(r)], dtype=np.float32) + 0.05 * rng.standard_normal(vs.dim).astype(np.float32)
+               for r in rng.integers(0, len(vs), spec.get("queries", 5))]
+    baseline = _status_mib("VmRSS")
+    out: dict[str, Any] = {"rows": len(vs), "dim": vs.dim, "dtype": str(vs.matrix.dtype),
+                           "baseline_rss_mib": round(baseline, 1), "torch_import_rss_mib": torch_import_mib}
+    if spec["kind"] == "brute":
+        times, results = [], []
+        top_k(vs.matrix, queries[0], 10, normalized=vs.normalized)  # warm the page cache
+        for q in queries:
+            t = time.perf_counter()
+            hits = top_k(vs.matrix, q, 10, normalized=vs.normalized)
+            times.append(time.perf_counter() - t)
+            results.append([h.row for h in hits])
+        out.update(seconds=times, results=results)
+    elif spec["kind"] == "build":
+        t = time.perf_counter()
+        built = ann.build(vs)
+        out.update(seconds=[time.perf_counter() - t], index_rows=built.rows,
+                   index_mib=round(ann.index_paths(vs)[0].stat().st_size / 2**20, 1))
+    elif spec["kind"] == "index":
+        times, results = [], []
+        ann.search(vs, queries[0], 10, nprobe=spec["nprobe"])
+        for q in queries:
+            t = time.perf_counter()
+            hits = ann.search(vs, q, 10, nprobe=spec["nprobe"])
+            times.append(time.perf_counter() - t)
+            results.append([h.row for h in hits])
+        out.update(seconds=times, results=results, nprobe=spec["nprobe"])
+    elif spec["kind"] == "dedup":
+        t = time.perf_counter()
+        groups = duplicate_groups(vs.matrix, spec["threshold"], normalized=vs.normalized)
+        out.update(seconds=[time.perf_counter() - t], groups=len(groups), threshold=spec["threshold"])
+    out["peak_rss_above_baseline_mib"] = round(_status_mib("VmHWM") - baseline, 1)
+    return out
+
+
+def run_row(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+                          capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["(no output)"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        print(json.dumps(worker(json.loads(Path(argv[1]).read_text()))))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--dedup-rows", type=int, default=100_000)
+    p.add_argument("--queries", type=int, default=10)
+    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--tmp", default=tempfile.gettempdir())
+    p.add_argument("--out", default=str(HERE / "results" / "vectors.json"))
+    args = p.parse_args(argv)
+    report: dict[str, Any] = {"clipcli_bench": "vectors", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "command": " ".join(["vectors_bench.py", *argv]),
+                              "hardware": {"cpu": platform.processor() or platform.machine(),
+                                           "usable_cores": len(os.sched_getaffinity(0)),
+                                           "python": platform.python_version(), "load_before": os.getloadavg()},
+                              "rows": {}}
+    with tempfile.TemporaryDirectory(prefix="clipcli-vectors-bench-", dir=args.tmp) as tmp:
+        work = Path(tmp)
+        out = work / "outdir"
+        t = time.perf_counter()
+        make_outdir(out, args.rows, args.dim)
+        report["synthetic"] = {"rows": args.rows, "dim": args.dim, "dtype": "float16", "clusters": 2000,
+                               "bytes": (out / "embeddings.npy").stat().st_size,
+                               "made_in_s": round(time.perf_counter() - t, 1)}
+        print(f"synthetic OUTDIR: {args.rows} x {args.dim} float16 in {report['synthetic']['made_in_s']} s", flush=True)
+        rows = report["rows"]
+        for name, spec in [
+            ("search brute force", {"kind": "brute"}),
+            ("index build", {"kind": "build"}),
+            ("search with index", {"kind": "index", "nprobe": args.nprobe}),
+            ("dedup", {"kind": "dedup", "threshold": 0.95}),
+        ]:
+            spec.update(vectors=str(out), queries=args.queries)
+            if spec["kind"] == "dedup":  # its own, smaller OUTDIR
+                make_outdir(work / "dedup", args.dedup_rows, args.dim, seed=2)
+                spec["vectors"] = str(work / "dedup")
+            rows[name] = run_row(spec, work)
+            print(f"{name}: {json.dumps({k: v for k, v in rows[name].items() if k != 'results'})}", flush=True)
+    brute, indexed = rows["search brute force"], rows["search with index"]
+    if "results" in brute and "results" in indexed:
+        recalls = [len(set(a) & set(b)) / len(a) for a, b in zip(brute["results"], indexed["results"])]
+        indexed["recall_at_10"] = round(sum(recalls) / len(recalls), 4)
+        indexed["speedup"] = round(_median(brute["seconds"]) / _median(indexed["seconds"]), 1)
+    report["hardware"]["load_after"] = os.getloadavg()
+    report["targets"] = targets(rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    Path(args.out).with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+
+
+def targets(rows: dict[str, Any]) -> list[dict[str, Any]]:
+    brute, indexed = rows.get("search brute force", {}), rows.get("search with index", {})
+    out = []
+    if "seconds" in brute:
+        med = _median(brute["seconds"])
+        out.append({"target": f"brute force ≤ {TARGET_QUERY_S} s per query", "measured": f"{med:.3f} s (median)",
+                    "met": med <= TARGET_QUERY_S})
+        rss = brute["peak_rss_above_baseline_mib"]
+        out.append({"target": f"brute force peak RSS ≤ {TARGET_RSS_MIB} MB above baseline", "measured": f"{rss} MiB",
+                    "met": rss * 1.048576 <= TARGET_RSS_MIB})
+    if "recall_at_10" in indexed:
+        out.append({"target": f"index recall@10 ≥ {TARGET_RECALL} at ≥ {TARGET_SPEEDUP:.0f}× brute force",
+                    "measured": f"recall {indexed['recall_at_10']}, {indexed['speedup']}×",
+                    "met": indexed["recall_at_10"] >= TARGET_RECALL and indexed["speedup"] >= TARGET_SPEEDUP})
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    syn, hw = report["synthetic"], report["hardware"]
+    lines = [f"clipcli vectors bench — {report['when']} — `{report['command']}`",
+             f"hardware: {hw['cpu']}, {hw['usable_cores']} cores, Python {hw['python']}; load average before/after "
+             f"{[round(x, 2) for x in hw['load_before']]} / {[round(x, 2) for x in hw.get('load_after', [])]}",
+             f"vectors: synthetic OUTDIR, {syn['rows']:,} × {syn['dim']} {syn['dtype']} "
+             f"({syn['bytes'] / 2**20:,.0f} MiB, {syn['clusters']} clusters); peak RSS is above the process's "
+             "RSS after imports (torch included) and opening the vectors", "",
+             "| row | rows | time | peak RSS above baseline | notes |", "|---|---:|---:|---:|---|"]
+    for name, row in report["rows"].items():
+        if "error" in row:
+            lines.append(f"| {name} | | | | error: {row['error']} |")
+            continue
+        secs = row["seconds"]
+        per = f"{_median(secs):.3f} s" + (" / query (median)" if len(secs) > 1 else "")
+        notes = []
+        if name == "search with index":
+            notes.append(f"nprobe {row['nprobe']}; recall@10 vs brute force {row.get('recall_at_10')}; "
+                         f"{row.get('speedup')}× brute force")
+        if name == "index build":
+            notes.append(f"IVF-SQ8, {row['index_mib']} MiB on disk")
+        if name == "dedup":
+            notes.append(f"threshold {row['threshold']}: {row['groups']} groups")
+        if len(secs) > 1:
+            notes.append("runs " + ", ".join(f"{s:.3f}" for s in secs))
+        lines.append(f"| {name} | {row['rows']:,} | {per} | {row['peak_rss_above_baseline_mib']} MiB | {'; '.join(notes)} |")
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |" for t in report["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
