@@ -11,11 +11,12 @@ arrives); the other formats are documents and are written when the run ends.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -79,10 +80,10 @@ def unescape_line(text: str) -> str:
 
 
 class _WriteOnly:
-    """A file seen only through ``write`` (so numpy writes in chunks, and errors keep errno)."""
+    """A file seen only through its ``write`` (so numpy writes in chunks, and errors keep errno)."""
 
-    def __init__(self, handle: IO[bytes]) -> None:
-        self.write = handle.write
+    def __init__(self, write: Callable[[bytes], Any]) -> None:
+        self.write = write
 
 
 def output_files(target: str, fmt: str) -> list[Path]:
@@ -237,48 +238,68 @@ class Writer:
             with contextlib.suppress(OSError):
                 self._rows.close()
 
-    def _matrix(self) -> np.ndarray:
+    def _write_rows_npy(self, write: Callable[[bytes], Any]) -> None:
+        """The spooled rows as one .npy through ``write``, a chunk at a time.
+
+        Plain reads, never a memory map: a read error of the spool (EIO) must be an OSError
+        (one ``error:`` line), and through a mapped page it is a SIGBUS that kills the process.
+        """
         assert self._rows is not None
+        dtype = self.dtype.newbyteorder("<")
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (self.count, self.dim)}
+        # Exactly the header np.save writes for this array (version 1.0 while it fits).
+        np.lib.format.write_array_header_1_0(_WriteOnly(write), header)
         self._rows.flush()
-        if self.count == 0:
-            return np.zeros((0, self.dim), dtype=self.dtype)
-        # Memory-mapped: the rows are never all held in memory at once.
-        return np.memmap(self._rows, dtype=self.dtype.newbyteorder("<"), mode="r", shape=(self.count, self.dim))
+        self._rows.seek(0)
+        left = self.count * self.dim * dtype.itemsize
+        while left:
+            chunk = self._rows.read(min(left, 1 << 20))
+            if not chunk:
+                raise OSError(errno.EIO, "the row spool is shorter than written")
+            write(chunk)
+            left -= len(chunk)
 
     def _finish_binary(self) -> None:
-        matrix = self._matrix()
         if self.format == "npy":
             if self.target == "-":
                 buffer = sys.stdout.buffer
-                np.lib.format.write_array(buffer, np.asarray(matrix), allow_pickle=False)
+                self._write_rows_npy(buffer.write)
                 buffer.flush()
             else:
                 main = open_output(self.target, "wb")
                 self._files.append(main)
                 # Through .write(), not ndarray.tofile(): tofile reports a full disk as a short
                 # write without an errno ("64000 requested and 40928 written").
-                np.lib.format.write_array(_WriteOnly(main.handle), matrix, allow_pickle=False)
+                self._write_rows_npy(main.handle.write)
                 if not is_special(self.target):
                     side = open_output(sources_sidecar(self.target), "w")
                     self._files.append(side)
                     side.handle.write("".join(escape_line(s) + "\n" for s in self._sources))
         else:
-            arrays = {
-                "embeddings": np.asarray(matrix),
-                "sources": np.array(self._sources, dtype=str) if self._sources else np.zeros((0,), dtype="<U1"),
-                "metadata": np.array(json.dumps(self.metadata, ensure_ascii=False)),
-            }
             if self.target == "-":
                 buffer = io.BytesIO()
-                np.savez(buffer, **arrays)
+                self._write_npz(buffer)
                 sys.stdout.buffer.write(buffer.getvalue())
                 sys.stdout.buffer.flush()
             else:
                 main = open_output(self.target, "wb")
                 self._files.append(main)
-                np.savez(main.handle, **arrays)
+                self._write_npz(main.handle)
         if self._rows is not None:
             self._rows.close()
+
+    def _write_npz(self, handle: IO[bytes]) -> None:
+        """What ``np.savez`` writes (stored zip64 members), the embeddings streamed from the spool."""
+        import zipfile
+
+        sources = np.array(self._sources, dtype=str) if self._sources else np.zeros((0,), dtype="<U1")
+        metadata = np.array(json.dumps(self.metadata, ensure_ascii=False))
+        with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("embeddings.npy", "w", force_zip64=True) as member:
+                self._write_rows_npy(member.write)
+            for name, array in (("sources", sources), ("metadata", metadata)):
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
 
 
 def read_sources(npy_path: str | Path) -> list[str]:
