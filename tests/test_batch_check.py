@@ -307,3 +307,28 @@ def test_check_waits_for_or_refuses_a_running_batch(outdir: Path) -> None:
             assert result.exit_code == 4
             assert_one_error(result.stderr, "in use by another clipcli batch run", "--wait")
     assert check(str(outdir)).exit_code == 0
+
+
+def test_consolidation_reads_rows_with_pread_exactly(tmp_path: Path) -> None:
+    """The rows consolidation copies come from plain reads (no memory map, so an I/O error is
+    an OSError and one message, never a SIGBUS): any row selection equals numpy's own load,
+    and a file cut short is named as damaged."""
+    import numpy as np
+
+    from clipcli.batch.consolidate import _RowFile
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float16):
+        matrix = rng.standard_normal((50, 7)).astype(dtype)
+        path = tmp_path / f"m-{np.dtype(dtype).name}.npy"
+        np.save(path, matrix)
+        rows = _RowFile(path)
+        for pick in (np.arange(50), np.array([3, 4, 5, 9, 0, 49, 4]), np.array([], dtype=int), rng.permutation(50)[:20]):
+            np.testing.assert_array_equal(rows[pick], matrix[pick])
+        rows.close()
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 3])
+        cut = _RowFile(path)
+        with pytest.raises(ValueError, match="ends before row 50"):
+            cut[np.array([48, 49])]
+        cut.close()

@@ -14,6 +14,7 @@ returned for the manifest.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -73,7 +74,13 @@ def write_outputs(
                     dst.append(position)
                     src.append(ref.row)
                 for number, (dst, src) in by_shard.items():
-                    block[np.asarray(dst)] = maps.get(number)[np.asarray(src)]
+                    rows = maps.get(number)
+                    try:
+                        block[np.asarray(dst)] = rows[np.asarray(src)]
+                    except OSError as exc:
+                        raise storage_error(rows.path, exc, doing="read") from None
+                    except ValueError as exc:
+                        raise UsageError(f"{rows.path} is damaged ({exc}); run clipcli batch check --repair on its directory") from None
                 data = memoryview(np.ascontiguousarray(block)).cast("B")
                 h.update(data)
                 matrix.write(data)
@@ -100,31 +107,80 @@ def write_outputs(
     return out
 
 
+class _RowFile:
+    """Rows of a ``.npy`` file read with ``pread``, never through a memory map: an I/O error
+    while reading a mapped page is a SIGBUS that kills the process without a message; a read
+    error is an OSError, and so one line naming the file (exit 5)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle = open(path, "rb")  # noqa: SIM115 - kept open while the rows are read
+        try:
+            version = np.lib.format.read_magic(self.handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(self.handle)
+            if fortran or dtype.hasobject or len(shape) != 2:
+                raise ValueError(f"not a C-ordered 2-d numeric array (shape {shape})")
+        except BaseException:
+            self.handle.close()
+            raise
+        self.offset = self.handle.tell()
+        self.fd = self.handle.fileno()
+        self.shape, self.dtype = shape, dtype
+        self.row_bytes = shape[1] * dtype.itemsize
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        if not len(rows):
+            return out
+        if rows.min() < 0 or rows.max() >= self.shape[0]:
+            raise ValueError(f"row {int(rows.max())} is past the end ({self.shape[0]} rows)")
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        # Contiguous runs of rows are one read each (a shard's rows are mostly in order).
+        breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+        for run_index, run in zip(np.split(order, breaks), np.split(ordered, breaks)):
+            first, count = int(run[0]), len(run)
+            size = count * self.row_bytes
+            data = os.pread(self.fd, size, self.offset + first * self.row_bytes)
+            if len(data) != size:
+                raise ValueError(f"{self.path.name} ends before row {first + count}")
+            out[run_index] = np.frombuffer(data, dtype=self.dtype).reshape(count, self.shape[1])
+        return out
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 class _Maps:
-    """Read-only memory maps of the input arrays, the most recently used few kept open."""
+    """The input arrays (read with pread), the most recently used few kept open."""
 
     def __init__(self, arrays: Mapping[int, Path], dim: int) -> None:
         self.arrays = arrays
         self.dim = dim
-        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._open: OrderedDict[int, _RowFile] = OrderedDict()
 
-    def get(self, number: int) -> np.ndarray:
+    def get(self, number: int) -> _RowFile:
         if number in self._open:
             self._open.move_to_end(number)
             return self._open[number]
         path = self.arrays[number]
         try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = _RowFile(path)
         except OSError as exc:
             raise storage_error(path, exc, doing="read") from None
         except (ValueError, EOFError) as exc:
             raise UsageError(f"{path} is damaged ({exc}); run clipcli batch check --repair on its directory") from None
-        if array.ndim != 2 or array.shape[1] != self.dim:
+        if array.shape[1] != self.dim:
+            array.close()
             raise UsageError(f"{path} has shape {array.shape}, expected {self.dim} columns")
         self._open[number] = array
         if len(self._open) > _OPEN_MAPS:
-            self._open.popitem(last=False)
+            self._open.popitem(last=False)[1].close()
         return array
 
     def close(self) -> None:
+        for array in self._open.values():
+            array.close()
         self._open.clear()
