@@ -1,10 +1,7 @@
 """The Encoder: one model, one device, one dtype; images and texts in, float32 vectors out.
 
-A thin facade over :mod:`clipcli.model` (families, checkpoint layouts, loading, forward
-passes), :mod:`clipcli.exact_transform` (CLIP's fast exact preprocessing) and
-:mod:`clipcli.model.text` (tokenisation and padding rules). It hides transformers' version
-differences (``get_*_features`` returning ``BaseModelOutputWithPooling``, the PIL fallback of
-image processors without torchvision, load reports of one tower from a full checkpoint).
+A thin facade over :mod:`clipcli.model` (families, layouts, loading, forward passes, text
+rules) and :mod:`clipcli.exact_transform` (CLIP's fast exact preprocessing).
 
 Features: ``pooled`` (the tower's ``pooler_output``) and ``projected`` (the joint space of the
 family model's ``get_*_features``); per family in ``Family.feature_notes``. Speed paths (exact
@@ -85,6 +82,7 @@ class Encoder:
         self._towers: dict[str, Tower] = {}
         self._processor: Any = None
         self._tokenizer: Any = None
+        self._logit_parameters: tuple[float, float | None] | None = None
         self._runner = ChunkedRunner(self.device)
         # Loader threads hand uint8 crops to the forward pass, normalised on the device (see
         # prepare_image): worth it where pixels cross a bus; on the CPU the threads normalise.
@@ -189,7 +187,7 @@ class Encoder:
         """The checkpoint's raw ``logit_scale`` and (SigLIP) ``logit_bias``, for zero-shot logits
         with :meth:`Family.logits`; loads the full model once."""
         with self._lock:
-            if getattr(self, "_logit_parameters", None) is None:
+            if self._logit_parameters is None:
                 self._logit_parameters = loading.load_logit_parameters(self.model_id, self.revision, self.config)
         return self._logit_parameters
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from search_helpers import ROOT, parse_tsv, run, subprocess_env, synthetic_npz
+from serve_helpers import wait_for
 
 pytest.importorskip("faiss", reason="the faiss extra is not installed (make install installs it)")
 
@@ -215,17 +216,6 @@ def test_a_damaged_index_is_named_skipped_and_rebuilt(tmp_path: Path) -> None:
     assert "used the faiss index" in again.stderr and again.stdout == want
 
 
-def _wait_for(predicate, timeout: float = 120.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("point, sig", [("index-written", signal.SIGKILL), ("ids-written", signal.SIGKILL),
                                         ("index-written", signal.SIGTERM), ("ids-written", signal.SIGINT),
                                         ("ids-written", signal.SIGHUP)])
@@ -239,7 +229,7 @@ def test_killed_while_writing_the_index_a_rerun_converges(tmp_path: Path, point:
     proc = subprocess.Popen([sys.executable, "-m", "clipcli", "index", str(npz)], env=subprocess_env(CLIPCLI_TEST_PAUSE_AT=point),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     temp = ".v.npz.faiss.ids.npy." if point == "ids-written" else ".v.npz.faiss."
-    assert _wait_for(lambda: any(p.name.startswith(temp) and p.name.endswith(".tmp") for p in tmp_path.iterdir()))
+    assert wait_for(lambda: any(p.name.startswith(temp) and p.name.endswith(".tmp") for p in tmp_path.iterdir()), 120)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert "Traceback" not in stderr
@@ -269,7 +259,7 @@ def test_two_index_runs_at_once_exit_4(tmp_path: Path) -> None:
                              env=subprocess_env(CLIPCLI_TEST_PAUSE_AT="index-written"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert _wait_for(lambda: any(p.name.endswith(".tmp") for p in tmp_path.iterdir()))
+        assert wait_for(lambda: any(p.name.endswith(".tmp") for p in tmp_path.iterdir()), 120)
         second = run("index", str(npz))
         assert second.exit_code == 4
         assert second.stderr == f"error: another clipcli index is building the index of {npz}\n"

@@ -42,7 +42,7 @@ from clipcli.batch.layout import LAYOUT_VERSION, ErrorLog, Layout, RowRef, State
 from clipcli.batch.lock import OutputLock
 from clipcli.batch.options import DEFAULT_SHARD_SIZE, BatchOptions, Engine, Events, RunResult
 from clipcli.batch.plan import Item, Plan, file_record, now_iso, parse_shard, shard_label, shard_of
-from clipcli.batch.space import INFO_KEYS, SPACE_KEYS, comparable, describe_differences, mismatch_message
+from clipcli.batch.space import INFO_KEYS, SPACE_KEYS, check_request, check_space, describe_differences
 from clipcli.batch.verify import check_outputs, file_records
 from clipcli.errors import StorageError, UsageError, storage_error
 from clipcli.pipeline import Failed
@@ -177,25 +177,7 @@ class BatchRunner:
     def _check_request(self, manifest: dict[str, Any] | None) -> None:
         """The checks possible without loading anything: modality and the plain settings."""
         self._check_modality(manifest)
-        if manifest is None or self.request is None:
-            return
-        pairs = [("model", "model"), ("feature", "feature"), ("normalize", "normalized"), ("out_dtype", "dtype")]
-        diffs = [
-            (stored, manifest.get(stored), self.request[asked])
-            for asked, stored in pairs
-            if asked in self.request and manifest.get(stored) != self.request[asked]
-        ]
-        if diffs:
-            raise UsageError(mismatch_message(self.layout.root, diffs))
-
-    def _check_space(self, manifest: dict[str, Any], space: dict[str, Any]) -> None:
-        diffs = [
-            (key, manifest.get(key), space.get(key))
-            for key in SPACE_KEYS
-            if comparable(key, manifest.get(key)) != comparable(key, space.get(key))
-        ]
-        if diffs:
-            raise UsageError(mismatch_message(self.layout.root, diffs))
+        check_request(self.layout.root, manifest, self.request)
 
     # ------------------------------------------------------------------ running
     def run(
@@ -254,7 +236,7 @@ class BatchRunner:
             encoder = encoder_factory()
             space = self._space(encoder)
             if manifest is not None:
-                self._check_space(manifest, space)
+                check_space(self.layout.root, manifest, space)
         else:
             assert manifest is not None
             space = {key: manifest.get(key) for key in (*SPACE_KEYS, *INFO_KEYS) if key in manifest}

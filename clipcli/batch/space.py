@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clipcli.errors import UsageError
+
 # Settings that define the embedding space: rows made under different values never mix.
 SPACE_KEYS = ("modality", "model", "family", "revision", "feature", "normalized", "preprocessing", "dtype", "quantize")
 INFO_KEYS = ("dim", "model_dtype", "device", "clipcli_version", "max_text_length")
@@ -47,6 +49,31 @@ def mismatch_message(root: Path, diffs: Sequence[tuple[str, Any, Any]]) -> str:
         f"{root} was made with other settings ({parts}); vectors from different settings are never "
         "mixed: use the original settings or another --output directory"
     )
+
+
+def check_request(root: Path, manifest: dict[str, Any] | None, request: dict[str, Any] | None) -> None:
+    """UsageError when the settings asked for (before any model loads) differ from ``root``'s."""
+    if manifest is None or request is None:
+        return
+    pairs = [("model", "model"), ("feature", "feature"), ("normalize", "normalized"), ("out_dtype", "dtype")]
+    diffs = [
+        (stored, manifest.get(stored), request[asked])
+        for asked, stored in pairs
+        if asked in request and manifest.get(stored) != request[asked]
+    ]
+    if diffs:
+        raise UsageError(mismatch_message(root, diffs))
+
+
+def check_space(root: Path, manifest: dict[str, Any], space: dict[str, Any]) -> None:
+    """UsageError when the loaded model's embedding space differs from the one ``root`` holds."""
+    diffs = [
+        (key, manifest.get(key), space.get(key))
+        for key in SPACE_KEYS
+        if comparable(key, manifest.get(key)) != comparable(key, space.get(key))
+    ]
+    if diffs:
+        raise UsageError(mismatch_message(root, diffs))
 
 
 def _show(value: Any) -> str:

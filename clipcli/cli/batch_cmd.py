@@ -352,13 +352,11 @@ def _refresh_index(output: str, reporter: Reporter) -> None:
 
     if not (Path(output) / "index.faiss.json").is_file():  # no index: nothing to import
         return
-    from clipcli.batch.lock import OutputLock
     from clipcli.errors import ClipcliError
-    from clipcli.vectors.index import refresh_beside
+    from clipcli.vectors.index import update
 
     try:
-        with OutputLock(output):
-            built = refresh_beside(output)
+        built = update(output, only_if_stale=True)
     except ClipcliError as exc:
         reporter.warn(f"the faiss index beside {output} was not updated ({exc}); `clipcli index {output}` updates it")
         return

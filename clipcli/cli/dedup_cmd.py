@@ -108,21 +108,9 @@ def register(app: typer.Typer) -> None:
 
 def run_index(path: str, *, rebuild: bool, nlist: int | None, reporter: Reporter) -> None:
     """Lock an OUTDIR (so no batch run changes it meanwhile), then build or refresh."""
-    import contextlib
-    from pathlib import Path
-
     from clipcli.vectors import index as ann
-    from clipcli.vectors.store import open_vectors
 
-    ann.faiss_module()  # the install hint before anything is read
-    lock: Any = contextlib.nullcontext()
-    if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
-        from clipcli.batch.lock import OutputLock
-
-        lock = OutputLock(path)
-    with lock:
-        vs = open_vectors(path)
-        built = ann.build(vs, nlist=nlist, rebuild=rebuild)
+    built = ann.update(path, nlist=nlist, rebuild=rebuild)
     what = "built" if built.rebuilt else f"updated (+{built.added} -{built.removed})"
     if not reporter.quiet:
         reporter._line(f"index: {what} {built.path}: {built.rows} rows")  # noqa: SLF001

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,12 +49,12 @@ class Family:
     has_logit_bias: bool
     feature_notes: Mapping[str, str]  # what pooled / projected mean, for `config model` and docs
     image_defaults: Mapping[str, Any]  # the family's usual processor values, for `config model`
+    # (config, tower, feature) -> vector length
+    dim: Callable[[Any, str, str], int]
     install_hint: str | None = None  # extra packages its tokenizers may need
     # (config, tower, copy of its sub-config) -> the config its class must see (fix-ups of
     # published layouts)
     tower_config: Callable[[Any, str, Any], Any] | None = None
-    # (config, tower, feature) -> vector length
-    dim: Callable[[Any, str, str], int] = field(default=lambda config, tower, feature: 0)
 
     def layout(self, config: Any) -> str:
         return self.layouts[config.model_type]

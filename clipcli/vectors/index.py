@@ -309,16 +309,24 @@ def _rows_of(found: np.ndarray, table: np.ndarray) -> np.ndarray:
     return table[1][pos[hit]]
 
 
-def refresh_beside(outdir: str | Path) -> Built | None:
-    """After a ``batch`` run: bring the index beside ``outdir`` up to date, incrementally.
+def update(path: str | Path, *, nlist: int | None = None, rebuild: bool = False, only_if_stale: bool = False) -> Built | None:
+    """Build or refresh the index of ``path`` under the OUTDIR's lock (so no batch run changes
+    the rows meanwhile). ``only_if_stale`` (what ``batch`` asks after a run): None where there is
+    no index, or it is current."""
+    import contextlib
 
-    None where there is no index or it is already current. Raises like :func:`build` (the
-    install hint without faiss, OutputLockedError while another index run holds it).
-    """
     from clipcli.vectors.store import open_vectors
 
-    vectors = open_vectors(outdir)
-    meta = read_meta(vectors)
-    if meta is None or stale_reason(vectors, meta) is None:
-        return None
-    return build(vectors)
+    faiss_module()  # the install hint before anything is read
+    lock: Any = contextlib.nullcontext()
+    if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
+        from clipcli.batch.lock import OutputLock
+
+        lock = OutputLock(path)
+    with lock:
+        vectors = open_vectors(path)
+        if only_if_stale:
+            meta = read_meta(vectors)
+            if meta is None or stale_reason(vectors, meta) is None:
+                return None
+        return build(vectors, nlist=nlist, rebuild=rebuild)
