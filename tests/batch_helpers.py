@@ -19,12 +19,14 @@ def cli(*args: str) -> Any:
 
 
 def result_of(out: Path) -> tuple[np.ndarray, list[str], list[str]]:
-    """The consolidated result of an OUTDIR: vectors, sources, index lines."""
-    return (
-        np.load(out / "embeddings.npy"),
-        (out / "sources.txt").read_text().splitlines(),
-        (out / "index.jsonl").read_text().splitlines(),
-    )
+    """The live rows of an OUTDIR sorted by source (as a from-scratch run writes them): vectors,
+    sources.txt lines, index records as JSON lines (layout 3 keeps the index in index.sqlite)."""
+    from clipcli.batch.layout import dumps
+    from clipcli.batch.readers import read_outdir
+    from clipcli.writers import escape_line
+
+    matrix, sources, records = read_outdir(out)
+    return matrix, [escape_line(s) for s in sources], [dumps(r) for r in records]
 
 
 def manifest(out: Path) -> dict[str, Any]:

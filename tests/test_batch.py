@@ -31,10 +31,11 @@ def cli(*args: str, input: str | None = None) -> Any:
 
 
 def load(outdir: Path) -> tuple[np.ndarray, list[str], list[dict[str, Any]], dict[str, Any]]:
-    """embeddings.npy, sources.txt, index.jsonl and manifest.json of an OUTDIR."""
-    matrix = np.load(outdir / "embeddings.npy")
-    sources = _read_lines(outdir / "sources.txt")
-    index = [json.loads(line) for line in (outdir / "index.jsonl").read_text(encoding="utf-8").splitlines()]
+    """The live rows (sorted by source, as a from-scratch run writes them), their index records,
+    and manifest.json of an OUTDIR."""
+    from clipcli.batch.readers import read_outdir
+
+    matrix, sources, index = read_outdir(outdir)
     manifest = json.loads((outdir / "manifest.json").read_text(encoding="utf-8"))
     return matrix, sources, index, manifest
 
@@ -144,12 +145,15 @@ def test_incremental_add_change_delete_and_keep_deleted(tiny_model: str, photos:
     expected = Encoder(tiny_model, device="cpu").encode_images([load_image(s) for s in sources])
     np.testing.assert_allclose(matrix, expected, atol=1e-5)
 
-    # The deleted source's row is still in its shard: --keep-deleted brings it back.
+    # Layout 3: --keep-deleted keeps the rows of sources deleted while it is given; a row that
+    # an earlier run dropped is a tombstone and is not brought back.
+    (photos / "b.png").unlink()
     result = cli(*base, "--keep-deleted")
     assert result.exit_code == 0, result.stderr
     assert counts(out)["kept_deleted"] == 1 and counts(out)["embedded"] == 0
     _, sources, _, _ = load(out)
-    assert str(photos / "sub" / "c.png") in sources and len(sources) == 5 and sources == sorted(sources)
+    assert str(photos / "b.png") in sources and str(photos / "sub" / "c.png") not in sources
+    assert len(sources) == 4 and sources == sorted(sources)
 
 
 def test_nothing_new_loads_no_model_and_keeps_outputs(tiny_model: str, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,14 +30,26 @@ COPY_ROWS = 65536  # rows gathered at a time
 _OPEN_MAPS = 32  # read-only maps kept open at once (each holds a file descriptor)
 
 
+def fixed_header(shape: tuple[int, ...], dtype: np.dtype[Any], length: int) -> bytes:
+    """A ``.npy`` (version 1.0) header of exactly ``length`` bytes, padded with spaces; a
+    ValueError when the shape does not fit (the caller then rewrites the whole file)."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+    room = length - 10
+    if len(text) + 1 > room or room > 0xFFFF:
+        raise ValueError(f"shape {shape} does not fit a {length}-byte .npy header")
+    return b"\x93NUMPY\x01\x00" + room.to_bytes(2, "little") + (text.ljust(room - 1) + "\n").encode("latin-1")
+
+
 def write_outputs(
     selection: Sequence[Any],
     dim: int,
     dtype: str,
     *,
     arrays: Mapping[int, Path],
-    targets: tuple[Path, Path, Path],
+    targets: tuple[Path, Path, Path | None],
     source_line: Any,
+    header_bytes: int | None = None,
+    before_renames: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Write the three outputs for ``selection`` (RowRefs: ``shard``, ``row``, ``line``).
 
@@ -45,16 +57,21 @@ def write_outputs(
     embeddings, sources and index paths; ``source_line(ref)`` is a row's sources.txt line.
     Returns ``{file name: {"bytes", "sha256"}}``. StorageError on any write failure, with
     every temporary file removed and the previous outputs untouched.
+
+    Layout 3 passes no index target (``None``), ``header_bytes`` (a fixed-size ``.npy`` header,
+    so later runs can grow the row count in place) and ``before_renames(pairs)``: called with
+    ``[(temporary path, target)]`` once every file is complete and fsynced, before any rename
+    (it records them in index.sqlite, so a kill between the renames is finished on the next run).
     """
     pause_at("consolidate-start")
     emb_path, src_path, idx_path = targets
     root = emb_path.parent
     dt = np.dtype(dtype)
     n = len(selection)
-    header = npy_header((n, dim), dt)
+    header = npy_header((n, dim), dt) if header_bytes is None else fixed_header((n, dim), dt, header_bytes)
     npy_size = len(header) + n * dim * dt.itemsize
     sources = "".join(source_line(ref) + "\n" for ref in selection).encode("utf-8")
-    index = "".join(ref.line + "\n" for ref in selection).encode("utf-8")
+    index = b"" if idx_path is None else "".join(ref.line + "\n" for ref in selection).encode("utf-8")
     # All three exist side by side with the old outputs until the renames.
     ensure_space(root, npy_size + len(sources) + len(index), emb_path)
     files: list[TempFile] = []
@@ -90,11 +107,15 @@ def write_outputs(
         matrix.finish()
         out = {emb_path.name: {"bytes": npy_size, "sha256": h.hexdigest()}}
         for path, data in ((src_path, sources), (idx_path, index)):
+            if path is None:
+                continue
             file = TempFile(path, size=len(data))
             files.append(file)
             file.write(data)
             file.finish()
             out[path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if before_renames is not None:
+            before_renames([(file.tmp, file.path) for file in files])
         for number, file in enumerate(files):
             file.commit()
             if number == 0:

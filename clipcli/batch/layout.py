@@ -45,7 +45,7 @@ from clipcli.errors import UsageError, storage_error
 from clipcli.sources import utf8_safe
 from clipcli.writers import escape_line
 
-LAYOUT_VERSION = 2  # 2: shard index parts end with a checksum line; manifests record output checksums
+LAYOUT_VERSION = 3  # 2: shard index parts end with a checksum line; 3: index.sqlite, in-place updates (batch.apply)
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
 SOURCES = "sources.txt"
@@ -118,10 +118,11 @@ class State:
     shards: dict[int, Shard]
     latest: dict[str, RowRef]
     damaged: list[tuple[int, str, str]] = field(default_factory=list)
+    floor: int = 0  # layout 3: numbers below this may belong to applied shards that were not scanned
 
     @property
     def next_shard(self) -> int:
-        return max(self.shards, default=-1) + 1
+        return max(max(self.shards, default=-1) + 1, self.floor)
 
 
 class Layout:
@@ -178,7 +179,10 @@ class Layout:
         write_atomic(self.manifest_path, (dumps(manifest, indent=2) + "\n").encode("utf-8"))
 
     # ------------------------------------------------------------------ scanning
-    def scan(self, *, clean: bool, warn: Callable[[str], object] | None = None, dim: int | None = None) -> State:
+    def scan(
+        self, *, clean: bool, warn: Callable[[str], object] | None = None, dim: int | None = None,
+        skip: Iterable[int] = (),
+    ) -> State:
         """Find committed shards, verify them, and the latest row of every source.
 
         ``clean=True`` (only under the lock) deletes leftovers of an interrupted run (temporary
@@ -186,12 +190,17 @@ class Layout:
         embedded again. ``clean=False`` (``--dry-run``, check, merge) only reads and skips
         them. ``warn`` gets one line per damaged shard.
         """
-        state = State({}, {})
+        skipped = set(skip)
+        state = State({}, {}, floor=max(skipped, default=-1) + 1)
         if clean:
             self.remove_temporaries()
         if not self.shards_dir.is_dir():
             return state
-        for number, kinds in sorted(self.shard_files().items()):
+        files = self.shard_files()
+        state.floor = max(state.floor, max(files, default=-1) + 1)
+        for number, kinds in sorted(files.items()):
+            if number in skipped and kinds == {"npy", "jsonl"}:
+                continue  # layout 3: already in embeddings.npy, verified when it was applied
             if kinds != {"npy", "jsonl"}:
                 # An .npy without its index part: the run stopped between the two renames.
                 if clean:

@@ -32,6 +32,7 @@ class BatchOptions:
     out_dtype: str = "float32"
     shard: tuple[int, int] | None = None  # (I, N): embed only part I of N (see shard_of)
     allow_deletions: bool = False  # drop more than DELETION_LIMIT of the rows whose sources vanished
+    compact: bool = False  # rewrite embeddings.npy sorted, without tombstones (see batch.apply)
 
 
 class Engine(Protocol):

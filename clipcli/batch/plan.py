@@ -10,13 +10,19 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipcli.errors import UsageError
 from clipcli.pipeline import Failed
 from clipcli.sources import has_url_scheme, is_url
+
+if TYPE_CHECKING:
+    from clipcli.batch.collect import TextRecord
+    from clipcli.batch.index_db import IndexDB
+    from clipcli.batch.layout import RowRef
 
 _HASH_CHUNK = 1 << 20
 
@@ -68,17 +74,74 @@ class Plan:
     """What a run will do."""
 
     modality: str
-    current: dict[str, Item]  # every source found now, by label
+    found: int  # sources found now
     todo: list[Item]  # sorted; to embed in this run
     skipped: int  # already embedded in this version
     deleted: list[str]  # in OUTDIR but gone from the inputs (sorted)
     failures: list[Failed]  # inputs that failed while collecting
     refusal: str | None = None  # why the run must not go on (the mass-deletion guard), if it must not
+    pending_ok: set[str] = field(default_factory=set)  # done, but only in a shard not yet applied
+    dropped: int = 0  # rows of the current output whose sources are gone
+    existing: int = 0  # rows of the current output
 
     @property
     def total(self) -> int:
         """Inputs considered: sources found plus inputs that could not even be listed."""
-        return len(self.current) + len(self.failures)
+        return self.found + len(self.failures)
+
+
+def make_plan(
+    db: IndexDB, modality: str, found: Iterable[tuple[str, dict[str, Any], TextRecord | None]],
+    latest: dict[str, RowRef], failures: list[Failed],
+) -> Plan:
+    """Compare the sources found now with index.sqlite (a join in SQLite: no per-row Python
+    objects for the sources that did not change) and with rows of shards not yet applied.
+
+    ``found`` yields (source, index record, text record or None) in collection order.
+    """
+    from clipcli.batch.index_db import key
+    from clipcli.batch.layout import same_version
+
+    kept: dict[int, TextRecord] = {}
+    sources: list[str] = []
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for pos, (source, record, text) in enumerate(found):
+            sources.append(source)
+            if text is not None:
+                kept[pos] = text
+            yield (key(source), record.get("size"), record.get("mtime_ns"), record.get("sha256"),
+                   int(bool(record.get("unreadable"))), pos)
+
+    db.load_current(rows())
+    todo: list[Item] = []
+    pending_ok: set[str] = set()
+    for pos, size, mtime_ns, sha256, unreadable in db.changed():
+        source = sources[pos]
+        text = kept.get(pos)
+        if text is not None:
+            record = text.record()
+        else:
+            record = {"source": source}
+            for name, value in (("size", size), ("mtime_ns", mtime_ns), ("sha256", sha256)):
+                if value is not None:
+                    record[name] = value
+            if unreadable:
+                record["unreadable"] = True
+        ref = latest.get(source)
+        if ref is not None and same_version(ref.record, record):
+            pending_ok.add(source)
+        else:
+            todo.append(Item(source, record, None if text is None else text.text))
+    kept.clear()
+    gone = db.gone()
+    in_db = set(gone)
+    deleted = sorted({*gone, *(s for s in latest if s not in in_db and not db.is_current(s) and db.lookup(s) is None)})
+    changed = len(todo) + len(pending_ok)
+    return Plan(
+        modality, len(sources), todo, len(sources) - changed + len(pending_ok), deleted, failures,
+        pending_ok=pending_ok, dropped=len(gone), existing=db.count("rows"),
+    )
 
 
 def file_record(source: str, *, hashed: bool) -> dict[str, Any]:

@@ -32,22 +32,23 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipcli.batch.collect import Collection
-from clipcli.batch.layout import LAYOUT_VERSION, ErrorLog, Layout, RowRef, State, same_version, sort_key
+from clipcli.batch.layout import LAYOUT_VERSION, ErrorLog, Layout, State
 from clipcli.batch.lock import OutputLock
 from clipcli.batch.options import DEFAULT_SHARD_SIZE, BatchOptions, Engine, Events, RunResult
-from clipcli.batch.plan import Item, Plan, file_record, now_iso, parse_shard, shard_label, shard_of
+from clipcli.batch.plan import Item, Plan, file_record, make_plan, now_iso, parse_shard, shard_label, shard_of
 from clipcli.batch.space import INFO_KEYS, SPACE_KEYS, check_request, check_space, describe_differences
-from clipcli.batch.verify import check_outputs, file_records
-from clipcli.errors import StorageError, UsageError, storage_error
+from clipcli.errors import StorageError, UsageError
 from clipcli.pipeline import Failed
 
 if TYPE_CHECKING:
+    from clipcli.batch.collect import TextRecord
+    from clipcli.batch.index_db import IndexDB
     from clipcli.encoder import Encoder
     from clipcli.pipeline import ImageLoader
 
@@ -91,68 +92,57 @@ class BatchRunner:
         self.layout.check_usable()
         manifest = self.layout.read_manifest()
         self._check_request(manifest)
-        state = self.layout.scan(clean=False, warn=self.events.warning, dim=_dim(manifest))
-        return self._plan(state)
+        from clipcli.batch.migrate import open_index
+
+        with open_index(self.layout, manifest, readonly=True, warn=self.events.warning) as db:
+            state = self.layout.scan(clean=False, warn=self.events.warning, dim=_dim(manifest), skip=db.applied())
+            return self._plan(state, db)
 
     def _mine(self, source: str) -> bool:
         """Whether ``source`` belongs to this run's ``--shard`` (always, without one)."""
         shard = self.options.shard
         return shard is None or shard_of(source, shard[1]) == shard[0]
 
-    def _current_items(self) -> list[Item]:
+    def _found(self) -> Iterator[tuple[str, dict[str, Any], TextRecord | None]]:
+        """The sources of this run as (source, record, text), streamed (a stat each, no list)."""
         if self.collection.modality == "text":
-            return [Item(t.source, t.record(), t.text) for t in self.collection.texts if self._mine(t.source)]
-        sources = [s for s in self.collection.images if self._mine(s)]
+            for t in self.collection.texts:
+                if self._mine(t.source):
+                    yield t.source, {"sha256": t.sha256}, t
+            return
+        sources = (s for s in self.collection.images if self._mine(s))
         if not self.options.hash:
-            return [Item(s, file_record(s, hashed=False)) for s in sources]
+            for s in sources:
+                yield s, file_record(s, hashed=False), None
+            return
         # Hashing reads every file: overlap it over threads (hashlib releases the GIL).
         workers = self.options.workers or min(16, 2 * (os.cpu_count() or 2))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipcli-hash") as pool:
-            records = list(pool.map(lambda s: file_record(s, hashed=True), sources))
-        return [Item(s, r) for s, r in zip(sources, records)]
+            for record in pool.map(lambda s: file_record(s, hashed=True), sources):
+                yield record["source"], record, None
 
-    def _plan(self, state: State) -> Plan:
-        items = self._current_items()
-        current = {item.source: item for item in items}
-        todo: list[Item] = []
-        skipped = 0
-        for item in items:
-            ref = state.latest.get(item.source)
-            if ref is not None and same_version(ref.record, item.record):
-                skipped += 1
-            else:
-                todo.append(item)
-        deleted = sorted(s for s in state.latest if s not in current)
+    def _plan(self, state: State, db: IndexDB) -> Plan:
         failures = [f for f in self.collection.failures if self._mine(f.source)]
-        plan = Plan(self.collection.modality, current, todo, skipped, deleted, failures)
-        plan.refusal = self._deletion_refusal(plan, state)
+        plan = make_plan(db, self.collection.modality, self._found(), state.latest, failures)
+        plan.refusal = self._deletion_refusal(plan)
         return plan
 
-    def _deletion_refusal(self, plan: Plan, state: State) -> str | None:
+    def _deletion_refusal(self, plan: Plan) -> str | None:
         """Why this run must not go on: it would drop more than :data:`DELETION_LIMIT` of the
         rows of the current output because their sources vanished (an empty or unmounted
         folder, a glob that matches nothing); None when it may."""
         if self.options.keep_deleted or self.options.allow_deletions or not plan.deleted:
             return None
-        existing = self._output_sources(state)
-        dropped = [source for source in plan.deleted if source in existing]
-        if not dropped or len(dropped) <= DELETION_LIMIT * len(existing):
+        existing, dropped = plan.existing, plan.dropped
+        if not dropped or dropped <= DELETION_LIMIT * existing:
             return None
-        share = f"all {len(existing)}" if len(dropped) == len(existing) else f"{len(dropped)} of {len(existing)}"
+        share = f"all {existing}" if dropped == existing else f"{dropped} of {existing}"
         return (
             f"refusing to drop {share} rows of {self.layout.root}: their sources are gone from the inputs "
-            f"(e.g. {dropped[0]}; {len(plan.current)} source(s) found now). Check the inputs (an empty "
+            f"(e.g. {plan.deleted[0]}; {plan.found} source(s) found now). Check the inputs (an empty "
             "or unmounted folder, a glob that matches nothing), or pass --allow-deletions to drop them "
             "(--keep-deleted keeps them)"
         )
-
-    def _output_sources(self, state: State) -> set[str]:
-        """The sources of the current consolidated output (all rows in shards if it is unreadable)."""
-        try:
-            text = self.layout.index_path.read_text(encoding="utf-8")
-            return {json.loads(line)["source"] for line in text.split("\n") if line}
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-            return set(state.latest)
 
     # ------------------------------------------------------------------ the guard
     def _check_modality(self, manifest: dict[str, Any] | None) -> None:
@@ -198,31 +188,38 @@ class BatchRunner:
         with OutputLock(self.layout.root, wait=self.options.wait, on_wait=self.events.waiting):
             manifest = self.layout.read_manifest()
             self._check_modality(manifest)
-            state = self.layout.scan(clean=True, warn=self.events.warning, dim=_dim(manifest))
-            if manifest is None and state.shards:
+            if manifest is None and self.layout.shard_files():
                 raise UsageError(
                     f"{self.layout.root} has shards but no {self.layout.manifest_path.name}; "
                     "cannot tell which settings made them (use another --output directory)"
                 )
             self._check_request(manifest)
-            plan = self._plan(state)
-            if plan.refusal is not None:
-                raise UsageError(plan.refusal)
-            self.events.planned(plan)
-            try:
-                if engine is not None and plan.todo:
-                    # Connect and check resources now: a wrong option fails before anything is written.
-                    engine.start(self.collection.modality)
-                return self._run_planned(manifest, state, plan, encoder_factory, loader, engine, started, started_clock)
-            finally:
-                if engine is not None:
-                    engine.close()
+            from clipcli.batch.apply import recover
+            from clipcli.batch.migrate import open_index
+
+            with open_index(self.layout, manifest, warn=self.events.warning) as db:
+                if manifest is not None and _dim(manifest) is not None:
+                    recover(self.layout, db, int(manifest["dim"]), str(manifest["dtype"]), self.events.warning)
+                state = self.layout.scan(clean=True, warn=self.events.warning, dim=_dim(manifest), skip=db.applied())
+                plan = self._plan(state, db)
+                if plan.refusal is not None:
+                    raise UsageError(plan.refusal)
+                self.events.planned(plan)
+                try:
+                    if engine is not None and plan.todo:
+                        # Connect and check resources now: a wrong option fails before anything is written.
+                        engine.start(self.collection.modality)
+                    return self._run_planned(manifest, state, plan, db, encoder_factory, loader, engine, started, started_clock)
+                finally:
+                    if engine is not None:
+                        engine.close()
 
     def _run_planned(
         self,
         manifest: dict[str, Any] | None,
         state: State,
         plan: Plan,
+        db: IndexDB,
         encoder_factory: Callable[[], Encoder],
         loader: ImageLoader | None,
         engine: Engine | None,
@@ -245,7 +242,7 @@ class BatchRunner:
         try:
             self._embed_and_log(plan, state, encoder, loader, result, base, engine, encoder_factory)
             self.events.phase("consolidating")
-            consolidated = self._consolidate(plan, state, base, result)
+            consolidated = self._consolidate(plan, state, db, base, result)
         except StorageError:
             # Nothing this run wrote replaced the consolidated outputs: the previous manifest
             # still describes them (best effort; the disk may refuse this write too).
@@ -323,7 +320,7 @@ class BatchRunner:
             "files": {
                 "embeddings": self.layout.embeddings_path.name,
                 "sources": self.layout.sources_path.name,
-                "index": self.layout.index_path.name,
+                "index": "index.sqlite",
                 "errors": self.layout.errors_path.name,
                 "shards": self.layout.shards_dir.name + "/",
             },
@@ -342,56 +339,17 @@ class BatchRunner:
         result.failed += 1
         self.events.failed(failure)
 
-    def _consolidate(self, plan: Plan, state: State, base: dict[str, Any], result: RunResult) -> dict[str, Any]:
-        selection: list[RowRef] = []
-        for source, ref in state.latest.items():
-            item = plan.current.get(source)
-            if item is not None:
-                if same_version(ref.record, item.record):
-                    selection.append(ref)
-                # else: the source changed and failed to embed now; its old row is stale
-            elif self.options.keep_deleted:
-                selection.append(ref)
-                result.kept_deleted += 1
-            else:
-                result.deleted += 1
-        selection.sort(key=lambda ref: sort_key(ref.record))
-        dim, dtype = int(base["dim"]), str(base["dtype"])
-        digest = self.layout.digest(selection, dim, dtype)
-        previous = base.get("consolidated") or {}
-        files = previous.get("files")
-        redo = previous.get("digest") != digest
-        if not redo:
-            # The same rows as last time: trust the outputs only if they verify.
-            problems = check_outputs(self.layout.root, self.layout.output_names, previous)
-            if problems:
-                self.events.warning(
-                    f"{self.layout.root}: {'; '.join(problems)}; writing the consolidated outputs again"
-                )
-                redo = True
-        if redo:
-            # The manifest keeps the old record (with its checksums) until the new outputs are
-            # in place: a crash in between leaves outputs that fail to verify, never trusted.
-            files = self.layout.consolidate(selection, dim, dtype)
-        elif not isinstance(files, dict):
-            # Outputs from before checksums that passed the structural checks: record them now.
-            files = self._checksums()
-        live = {ref.shard for ref in state.latest.values()}
-        superseded = [number for number in state.shards if number not in live]
-        self.layout.remove_shards(superseded)
-        for number in superseded:
-            del state.shards[number]
-        result.rows = len(selection)
-        result.shards = len(state.shards)
-        return {"digest": digest, "rows": len(selection), "dim": dim, "dtype": dtype, "files": files}
+    def _consolidate(self, plan: Plan, state: State, db: IndexDB, base: dict[str, Any], result: RunResult) -> dict[str, Any]:
+        """Apply this run's rows to embeddings.npy/sources.txt (:mod:`clipcli.batch.apply`)."""
+        from clipcli.batch.apply import update
 
-
-    def _checksums(self) -> dict[str, dict[str, Any]]:
-        paths = [self.layout.embeddings_path, self.layout.sources_path, self.layout.index_path]
-        try:
-            return file_records(paths)
-        except OSError as exc:
-            raise storage_error(getattr(exc, "filename", None) or self.layout.root, exc, doing="read") from None
+        consolidated = update(
+            self.layout, db, plan, state, result, dim=int(base["dim"]), dtype=str(base["dtype"]),
+            keep_deleted=self.options.keep_deleted, compact=self.options.compact,
+        )
+        result.rows = int(consolidated["rows"])
+        result.shards = len(self.layout.shard_files())
+        return consolidated
 
 
 def _dim(manifest: dict[str, Any] | None) -> int | None:

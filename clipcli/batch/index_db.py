@@ -1,0 +1,223 @@
+"""``OUTDIR/index.sqlite``: the index of a batch output directory (layout 3).
+
+One row per live source: where its vector is in ``embeddings.npy`` (``row``), what identifies
+its version (``size``, ``mtime_ns``, ``sha256``; texts keep their whole record in ``record``)
+and the shard row it was embedded into (``shard``, ``shard_row``; NULL for rows migrated from
+a layout-2 ``index.jsonl`` that no shard backs any more). Beside it:
+
+* ``dead``: rows of ``embeddings.npy`` that are tombstones (their source was deleted or went
+  stale); they are NaN until the next compaction drops them;
+* ``applied``: shards whose rows are already in ``embeddings.npy`` (never scanned again);
+* ``redo``: the file writes of an in-place update, committed in the same transaction as the
+  new index state, so an update that a ``kill -9`` stopped is redone on the next run;
+* ``meta``: ``slots`` (rows of ``embeddings.npy``, tombstones included), ``sources_bytes``
+  (size of ``sources.txt``), and the markers of an unfinished update or compaction.
+
+SQLite with its default rollback journal and ``synchronous=FULL``: a transaction that a kill
+interrupted is rolled back when the file is next opened (the ``index.sqlite-journal`` beside it
+must never be removed by hand). Sources are stored as UTF-8 BLOBs (``surrogatepass``), so
+every file name round-trips and byte order equals Python's code point order.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from clipcli.errors import StorageError, UsageError
+
+INDEX_DB = "index.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rows(
+    source BLOB PRIMARY KEY, row INTEGER NOT NULL, size INTEGER, mtime_ns INTEGER, sha256 TEXT,
+    record TEXT, shard INTEGER, shard_row INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rows_by_row ON rows(row);
+CREATE INDEX IF NOT EXISTS rows_by_shard ON rows(shard);
+CREATE TABLE IF NOT EXISTS dead(row INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS applied(shard INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS redo(row INTEGER PRIMARY KEY, shard INTEGER, shard_row INTEGER);
+"""
+
+
+def key(source: str) -> bytes:
+    """A source as stored: UTF-8, lone surrogates (undecodable file names) kept."""
+    return source.encode("utf-8", "surrogatepass")
+
+
+def unkey(blob: bytes) -> str:
+    return bytes(blob).decode("utf-8", "surrogatepass")
+
+
+def version_columns(record: dict[str, Any]) -> tuple[Any, Any, Any, str | None]:
+    """(size, mtime_ns, sha256, record JSON or None): the JSON only where the columns cannot
+    rebuild the record (texts, and anything beyond source/size/mtime_ns/sha256)."""
+    from clipcli.batch.layout import dumps
+
+    plain = set(record) <= {"source", "size", "mtime_ns", "sha256"}
+    return record.get("size"), record.get("mtime_ns"), record.get("sha256"), None if plain else dumps(record)
+
+
+def record_of(source: str, size: Any, mtime_ns: Any, sha256: Any, record: str | None) -> dict[str, Any]:
+    """The index record of a stored row (the inverse of :func:`version_columns`)."""
+    if record is not None:
+        return json.loads(record)
+    out: dict[str, Any] = {"source": source}
+    if size is not None:
+        out["size"] = size
+    if mtime_ns is not None:
+        out["mtime_ns"] = mtime_ns
+    if sha256 is not None:
+        out["sha256"] = sha256
+    return out
+
+
+def sqlite_error(path: Path, exc: sqlite3.Error, doing: str = "write") -> StorageError:
+    """One line for a failed SQLite operation (exit 5), worded like :func:`storage_error`."""
+    text = str(exc).lower()
+    if "full" in text:
+        reason = "no space left on the device"
+    elif "readonly" in text or "read-only" in text:
+        reason = "read-only file system"
+    elif "disk i/o" in text:
+        reason = "input/output error"
+    elif "malformed" in text or "not a database" in text:
+        return StorageError(f"cannot read {path}: damaged ({exc}); run clipcli batch check --repair")
+    else:
+        reason = text
+    return StorageError(f"cannot {doing} {path}: {reason}")
+
+
+class IndexDB:
+    """An open ``index.sqlite`` (``readonly``: for --dry-run, check and merge)."""
+
+    def __init__(self, path: Path, *, readonly: bool = False, create: bool = True) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        try:
+            if readonly:
+                if not self.path.is_file():
+                    raise UsageError(f"{self.path} is missing")
+                self.con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+            else:
+                if not create and not self.path.is_file():
+                    raise UsageError(f"{self.path} is missing")
+                self.con = sqlite3.connect(str(self.path), isolation_level=None)
+                self.con.execute("PRAGMA journal_mode=DELETE")
+                self.con.execute("PRAGMA synchronous=FULL")
+                self.con.executescript(_SCHEMA)
+            self.con.execute("PRAGMA cache_size=-16384")  # 16 MiB: RSS independent of the row count
+        except sqlite3.Error as exc:
+            raise sqlite_error(self.path, exc, doing="open") from None
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> IndexDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ small helpers
+    def run(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self.con.execute(sql, tuple(params))
+        except sqlite3.Error as exc:
+            raise sqlite_error(self.path, exc) from None
+
+    def many(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+        try:
+            self.con.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise sqlite_error(self.path, exc) from None
+
+    def begin(self) -> None:
+        self.run("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.run("COMMIT")
+
+    def rollback(self) -> None:
+        try:
+            self.con.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # nothing open (or the disk refuses): the journal rolls it back on next open
+
+    def get(self, name: str, default: Any = None) -> Any:
+        row = self.run("SELECT value FROM meta WHERE key = ?", (name,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set(self, name: str, value: Any) -> None:
+        if value is None:
+            self.run("DELETE FROM meta WHERE key = ?", (name,))
+        else:
+            self.run("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (name, json.dumps(value)))
+
+    def count(self, table: str) -> int:
+        return int(self.run(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608 - fixed names
+
+    @property
+    def slots(self) -> int:
+        return int(self.get("slots", 0))
+
+    def applied(self) -> set[int]:
+        return {int(n) for (n,) in self.run("SELECT shard FROM applied")}
+
+    def referenced_shards(self) -> set[int]:
+        return {int(n) for (n,) in self.run("SELECT DISTINCT shard FROM rows WHERE shard IS NOT NULL")}
+
+    def lookup(self, source: str) -> tuple[int, int | None, dict[str, Any]] | None:
+        """(row, shard, record) of a live source, or None."""
+        found = self.run(
+            "SELECT row, shard, size, mtime_ns, sha256, record FROM rows WHERE source = ?", (key(source),)
+        ).fetchone()
+        if found is None:
+            return None
+        return int(found[0]), found[1], record_of(source, *found[2:])
+
+    def live(self, order: str = "row") -> Iterator[tuple[str, int, int | None, int | None, dict[str, Any]]]:
+        """Every live row as (source, row, shard, shard_row, record), by ``row`` or by ``source``."""
+        column = "row" if order == "row" else "source"
+        cursor = self.run(
+            f"SELECT source, row, shard, shard_row, size, mtime_ns, sha256, record FROM rows ORDER BY {column}"  # noqa: S608
+        )
+        for blob, row, shard, shard_row, *version in cursor:
+            source = unkey(blob)
+            yield source, int(row), shard, shard_row, record_of(source, *version)
+
+    # ------------------------------------------------------------------ planning
+    def load_current(self, rows: Iterable[tuple[bytes, Any, Any, Any, int, int]]) -> None:
+        """Fill the temporary table ``cur`` with the sources found now:
+        (source, size, mtime_ns, sha256, unreadable, position in the collection)."""
+        self.run("DROP TABLE IF EXISTS temp.cur")
+        self.run(
+            "CREATE TEMP TABLE cur(source BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT, "
+            "unreadable INTEGER, pos INTEGER) WITHOUT ROWID"
+        )
+        self.many("INSERT OR IGNORE INTO temp.cur VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def changed(self) -> list[tuple[int, Any, Any, Any, int]]:
+        """(position, size, mtime_ns, sha256, unreadable) of the current sources whose stored row
+        is missing or of another version (:func:`clipcli.batch.layout.same_version`, in SQL)."""
+        sql = """
+            SELECT c.pos, c.size, c.mtime_ns, c.sha256, c.unreadable FROM temp.cur c LEFT JOIN rows r ON r.source = c.source
+            WHERE r.source IS NULL OR c.unreadable OR NOT (CASE
+                WHEN c.sha256 IS NOT NULL THEN r.sha256 IS c.sha256
+                WHEN c.size IS NOT NULL OR c.mtime_ns IS NOT NULL THEN r.size IS c.size AND r.mtime_ns IS c.mtime_ns
+                ELSE 1 END)
+            ORDER BY c.pos"""
+        return [(int(row[0]), *row[1:]) for row in self.run(sql)]
+
+    def gone(self) -> list[str]:
+        """Live sources that are not among the current ones."""
+        sql = "SELECT r.source FROM rows r LEFT JOIN temp.cur c ON c.source = r.source WHERE c.source IS NULL"
+        return [unkey(blob) for (blob,) in self.run(sql)]
+
+    def is_current(self, source: str) -> bool:
+        return self.run("SELECT 1 FROM temp.cur WHERE source = ?", (key(source),)).fetchone() is not None
