@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipcli.batch.index_db import INDEX_DB
 from clipcli.batch.layout import Layout, State, sort_key
 from clipcli.batch.lock import OutputLock
 from clipcli.batch.storage import is_temporary, unlink
@@ -106,7 +107,10 @@ class _Checker:
             if not unreadable and files:
                 self.problem(layout.manifest_path, "missing: the settings that made the shards are unknown; it cannot be repaired here")
             return
-        self._outputs(manifest, state)
+        if (layout.root / INDEX_DB).is_file() or (manifest.get("layout_version") or 0) >= 3 and manifest.get("merged") is None:
+            self._outputs_v3(manifest, state)
+        else:
+            self._outputs(manifest, state)
         status = manifest.get("status")
         if status != "complete":
             self.report.notes.append(
@@ -141,6 +145,49 @@ class _Checker:
         self.report.rows = int(consolidated.get("rows") or 0)
         if not merged:
             self._backed(state)
+
+    def _outputs_v3(self, manifest: dict[str, Any], state: State) -> None:
+        """Layout 3: index.sqlite, then embeddings.npy / sources.txt against it, then whether
+        every live row still has its shard (see :mod:`clipcli.batch.apply`)."""
+        from clipcli.batch import apply
+        from clipcli.batch.index_db import IndexDB
+        from clipcli.batch.migrate import rebuild_index
+
+        layout = self.layout
+        path = layout.root / INDEX_DB
+        dim, dtype = int(manifest["dim"]), str(manifest["dtype"])
+        damaged = _sqlite_problem(path)
+        if damaged:
+            self.problem(path, damaged, lambda: rebuild_index(layout, manifest),
+                         "rebuilt from the shards (the next batch run writes the outputs from them)")
+            return
+        with IndexDB(path, readonly=not self.repair) as db:
+            unfinished = bool(db.get("compact_pending") or db.get("rewrite_pending") or db.count("redo"))
+            found = apply.problems(layout, db, dim, dtype)
+            if not found:
+                found = _line_count_problems(layout, db.slots)
+            if unfinished:
+                self.problem(layout.root, "an update was interrupted (embeddings.npy may be half updated)",
+                             lambda: apply.recover(layout, db, dim, dtype), "the interrupted update was finished")
+            for text in found if not unfinished else []:
+                name, _, reason = text.partition(": ")
+                self.problem(layout.root / name, reason)
+            if found and not unfinished and self.repair:
+                apply.rewrite(layout, db, dim, dtype)
+                self.report.repaired.append(f"{layout.embeddings_path}: rebuilt from the shards")
+                self.report.remaining.clear()
+            on_disk = layout.shard_files()
+            lost = [n for n in db.referenced_shards() if n not in state.shards or n not in on_disk]
+            if lost:
+                rows = sum(int(db.run("SELECT count(*) FROM rows WHERE shard = ?", (n,)).fetchone()[0]) for n in lost)
+                self.report.notes.append(
+                    f"{rows} row(s) are in {layout.embeddings_path.name} but no longer in a shard; "
+                    "they are kept, but a rewrite after damage to embeddings.npy could not restore them"
+                )
+                if self.repair:
+                    db.many("UPDATE rows SET shard = NULL, shard_row = NULL WHERE shard = ?", ((n,) for n in lost))
+                    db.many("DELETE FROM applied WHERE shard = ?", ((n,) for n in lost))
+            self.report.rows = db.slots - db.count("dead")
 
     def _backed(self, state: State) -> None:
         """Every consolidated row must still have its shard row (else a rerun cannot keep it)."""
@@ -189,6 +236,33 @@ class _Checker:
             )
         layout.write_manifest(manifest)
         self.report.rows = len(refs)
+
+
+def _sqlite_problem(path: Path) -> str | None:
+    """Why index.sqlite cannot be used (None when it passes SQLite's quick_check)."""
+    import sqlite3
+
+    if not path.is_file():
+        return "missing"
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            (result,) = con.execute("PRAGMA quick_check").fetchone()
+            con.execute("SELECT count(*) FROM rows").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        return f"damaged ({exc})"
+    return None if result == "ok" else f"damaged ({result})"
+
+
+def _line_count_problems(layout: Layout, slots: int) -> list[str]:
+    try:
+        with open(layout.sources_path, "rb") as handle:
+            lines = sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    except OSError as exc:
+        return [f"{layout.sources_path.name}: cannot read: {(exc.strerror or str(exc)).lower()}"]
+    return [] if lines == slots else [f"{layout.sources_path.name}: {lines} lines, {layout.embeddings_path.name} has {slots} rows"]
 
 
 def _temporaries(directory: Path) -> list[Path]:

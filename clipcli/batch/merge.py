@@ -192,7 +192,7 @@ def _check_compatible(parts: Sequence[_Input], allow_incomplete: bool) -> None:
                 "or pass --allow-incomplete to merge the rows it has committed so far"
             )
         if status == "complete":
-            problems = check_outputs(part.layout.root, part.layout.output_names, part.manifest.get("consolidated"))
+            problems = _problems(part)
             if problems:
                 raise UsageError(f"cannot merge {part.path}: {'; '.join(problems)}; {_REPAIR_HINT.format(path=part.path)}")
         if part is first:
@@ -207,6 +207,23 @@ def _check_compatible(parts: Sequence[_Input], allow_incomplete: bool) -> None:
                 f"cannot merge {first.path} and {part.path}: they were made with different settings "
                 f"({describe_differences(diffs, f'in {first.path}', f'in {part.path}')}); vectors from different settings are never mixed"
             )
+
+
+def _is_v3(part: _Input) -> bool:
+    return (part.layout.root / "index.sqlite").is_file()
+
+
+def _problems(part: _Input) -> list[str]:
+    """Problems of a complete input's outputs (layout 3: against its index.sqlite)."""
+    if not _is_v3(part):
+        return check_outputs(part.layout.root, part.layout.output_names, part.manifest.get("consolidated"))
+    from clipcli.batch.apply import problems
+    from clipcli.batch.index_db import IndexDB
+
+    with IndexDB(part.layout.root / "index.sqlite", readonly=True) as db:
+        if db.get("compact_pending") or db.get("rewrite_pending") or db.count("redo"):
+            return ["an update was interrupted (rerun its batch command)"]
+        return problems(part.layout, db, int(part.manifest["dim"]), str(part.manifest["dtype"]))
 
 
 def _check_coverage(parts: Sequence[_Input], warning: Callable[[str], None]) -> None:
@@ -241,12 +258,18 @@ def _gather(parts: Sequence[_Input]) -> tuple[list[RowRef], dict[int, Path], lis
         if part.manifest.get("status") == "complete":
             key = len(arrays)
             arrays[key] = part.layout.embeddings_path
-            try:
-                text = part.layout.index_path.read_text(encoding="utf-8")
-            except OSError as exc:
-                raise storage_error(part.layout.index_path, exc, doing="read") from None
-            lines = [line for line in text.split("\n") if line]
-            refs = [RowRef(key, row, line) for row, line in enumerate(lines)]
+            if _is_v3(part):
+                from clipcli.batch.index_db import IndexDB
+
+                with IndexDB(part.layout.root / "index.sqlite", readonly=True) as db:
+                    refs = [RowRef(key, row, dumps(record)) for _, row, _, _, record in db.live(order="row")]
+            else:
+                try:
+                    text = part.layout.index_path.read_text(encoding="utf-8")
+                except OSError as exc:
+                    raise storage_error(part.layout.index_path, exc, doing="read") from None
+                lines = [line for line in text.split("\n") if line]
+                refs = [RowRef(key, row, line) for row, line in enumerate(lines)]
         else:  # allowed incomplete: what its shards hold (the latest row of each source)
             state = part.layout.scan(clean=False, dim=part.manifest.get("dim"))
             if state.damaged:

@@ -123,3 +123,18 @@ def _fill(
     db.set("slots", rows)
     db.set("migrated_from", 2)
     db.commit()
+
+
+def rebuild_index(layout: Layout, manifest: dict[str, Any]) -> None:
+    """``batch check --repair`` of a damaged index.sqlite: a new, empty one with every shard
+    unapplied, so the next run writes the outputs again from the shards (rows no shard holds
+    any more are embedded again)."""
+    path = index_path(layout)
+    for stale in (path, path.with_name(path.name + "-journal")):
+        unlink(stale)
+    with IndexDB(path) as db:
+        db.begin()
+        db.set("slots", 0)
+        db.set("sources_bytes", 0)
+        db.set("rewrite_pending", True)
+        db.commit()
