@@ -30,7 +30,7 @@ from clipcli.batch import readers
 from clipcli.batch.consolidate import _RowFile, fixed_header, write_outputs
 from clipcli.batch.index_db import IndexDB, key, version_columns
 from clipcli.batch.layout import Layout, RowRef, State, same_version, sort_key
-from clipcli.batch.storage import fsync_dir, pause_at, unlink
+from clipcli.batch.storage import ensure_space, fsync_dir, pause_at, unlink
 from clipcli.batch.verify import read_npy_header
 from clipcli.errors import UsageError, storage_error
 from clipcli.sources import utf8_safe
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 COMPACT_RATIO = 0.10  # rewrite everything once tombstones pass this share of embeddings.npy's rows
 HEADER_BYTES = 128  # fixed .npy header: room for any (rows, dim) shape, so rows can be appended in place
+_DB_MARGIN = 1 << 20  # room the index.sqlite transaction (and its journal) may need
 _NULL = -1  # arrays key of rows that only embeddings.npy holds (migrated, no shard behind them)
 
 
@@ -114,6 +115,7 @@ def update(
     dim: int, dtype: str, keep_deleted: bool, compact: bool = False,
 ) -> dict[str, Any]:
     """Record and apply this run's changes; return the manifest's ``consolidated`` record."""
+    pause_at("consolidate-start")
     fresh = _live_pending(plan, state, keep_deleted)
     puts: list[tuple[int, str, RowRef]] = []
     appends: list[tuple[str, RowRef]] = []
@@ -137,6 +139,11 @@ def update(
     full = compact or slots == 0 or dead > COMPACT_RATIO * total or not _fits(layout, total, dim, dtype)
     changed = bool(puts or appends or tombstones)
     if changed or new_shards or compact:
+        # Refuse a full disk before index.sqlite records anything: the outputs, the index and
+        # the manifest then all stay as they were (exit 5).
+        row_bytes = dim * np.dtype(dtype).itemsize
+        grow = (total if full else len(appends)) * row_bytes + sum(len(s.encode("utf-8", "surrogatepass")) + 1 for s, _ in appends)
+        ensure_space(layout.root, grow + (db.get("sources_bytes", 0) if full else 0) + _DB_MARGIN, layout.embeddings_path)
         appends.sort(key=lambda pair: sort_key(pair[1].record))
         lines: list[str] = []
         db.begin()

@@ -82,15 +82,38 @@ def sqlite_error(path: Path, exc: sqlite3.Error, doing: str = "write") -> Storag
     text = str(exc).lower()
     if "full" in text:
         reason = "no space left on the device"
-    elif "readonly" in text or "read-only" in text:
-        reason = "read-only file system"
+    elif "readonly" in text or "read-only" in text or "unable to open" in text:
+        reason = _probe(path) or "read-only file system"
     elif "disk i/o" in text:
-        reason = "input/output error"
+        # SQLite does not pass errno on: say the likely cause (a file size limit, a full disk).
+        reason = _probe(path) or "input/output error"
     elif "malformed" in text or "not a database" in text:
         return StorageError(f"cannot read {path}: damaged ({exc}); run clipcli batch check --repair")
     else:
         reason = text
     return StorageError(f"cannot {doing} {path}: {reason}")
+
+
+def _probe(path: Path) -> str | None:
+    """Why writes next to ``path`` fail, where it can be told without writing."""
+    import os
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return "file too large (file size limit)"
+    directory = path.parent
+    try:
+        st = os.statvfs(directory)
+        if st.f_bavail == 0:
+            return "no space left on the device"
+        if st.f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        return None
+    if not os.access(directory, os.W_OK):
+        return "permission denied"
+    return None
 
 
 class IndexDB:
