@@ -57,7 +57,7 @@ def open_index(
         db = IndexDB(tmp)
         db.run("PRAGMA journal_mode=OFF")
         try:
-            _fill(db, layout, manifest or {}, dim if isinstance(dim, int) else None, warn, clean=True)
+            _fill(db, layout, manifest or {}, dim if isinstance(dim, int) else None, warn, clean=False)
             db.run("PRAGMA journal_mode=DELETE")
         finally:
             db.close()

@@ -203,6 +203,7 @@ def register(app: typer.Typer) -> None:
         hash_: Annotated[bool, typer.Option("--hash", help="Identify file versions by sha256 of their bytes, not size+mtime (reads every file each run).", rich_help_panel=BATCH_PANEL)] = False,
         keep_deleted: Annotated[bool, typer.Option("--keep-deleted", help="Keep rows of sources that no longer exist in the consolidated output.", rich_help_panel=BATCH_PANEL)] = False,
         allow_deletions: Annotated[bool, typer.Option("--allow-deletions", help="Let this run drop more than half of OUTDIR's rows because their sources are gone (refused otherwise, exit 2: an unmounted folder or a glob that matches nothing must not empty OUTDIR).", rich_help_panel=BATCH_PANEL)] = False,
+        compact: Annotated[bool, typer.Option("--compact", help="Rewrite embeddings.npy and sources.txt sorted by source, without tombstones (otherwise done when tombstones pass 10% of the rows).", rich_help_panel=BATCH_PANEL)] = False,
         wait: Annotated[bool, typer.Option("--wait", help="If another run holds OUTDIR, wait for it instead of exiting with code 4.", rich_help_panel=BATCH_PANEL)] = False,
         max_errors: Annotated[str | None, typer.Option("--max-errors", help="Exit 0 unless more than N inputs (or N% of them) failed (default: any failure exits 1).", metavar="N|N%", rich_help_panel=BATCH_PANEL)] = None,
         refresh_index: Annotated[bool, typer.Option("--index/--no-index", help="After the run, bring the faiss index beside OUTDIR (clipcli index) up to date, incrementally, when there is one. (default: yes)", rich_help_panel=BATCH_PANEL, show_default=False)] = True,
@@ -252,7 +253,7 @@ def register(app: typer.Typer) -> None:
             code = run_batch(
                 inputs or [], output, settings, reporter,
                 from_files=from_file or [], texts=texts or [], text_field=text_field, hash_files=hash_,
-                keep_deleted=keep_deleted, allow_deletions=allow_deletions, wait=wait, max_errors=parse_max_errors(max_errors),
+                keep_deleted=keep_deleted, allow_deletions=allow_deletions, compact=compact, wait=wait, max_errors=parse_max_errors(max_errors),
                 dry_run=dry_run, shard_size=shard_size, shard=shard_spec,
                 ray=RayArgs(ray_address, workers or 0, num_gpus_per_worker) if engine == "ray" else None,
             )
@@ -281,6 +282,7 @@ def run_batch(
     hash_files: bool = False,
     keep_deleted: bool = False,
     allow_deletions: bool = False,
+    compact: bool = False,
     wait: bool = False,
     max_errors: tuple[float, bool] | None = None,
     dry_run: bool = False,
@@ -312,7 +314,7 @@ def run_batch(
     for message in collection.warnings:
         reporter.warn(message)
     options = BatchOptions(
-        hash=hash_files, keep_deleted=keep_deleted, allow_deletions=allow_deletions, shard_size=shard_size, batch_size=settings.batch_size,
+        hash=hash_files, keep_deleted=keep_deleted, allow_deletions=allow_deletions, compact=compact, shard_size=shard_size, batch_size=settings.batch_size,
         workers=settings.workers, wait=wait, out_dtype=settings.out_dtype, shard=shard,
     )
     runner = BatchRunner(output, collection, options=options, events=events, request=request_of(settings, collection.modality))
