@@ -39,6 +39,13 @@ class Sources:
     def __len__(self) -> int:
         return len(self._array) if self._array is not None else len(self._ends)
 
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep only the rows where ``mask`` is true (batch layout 3 drops tombstones)."""
+        if self._array is not None:
+            self._array = self._array[mask]
+        else:
+            self._starts, self._ends = self._starts[mask], self._ends[mask]
+
     def raw(self, row: int) -> str:
         """Row ``row``'s source as written: escaped (one line) for file-backed sources."""
         from clipcli.writers import escape_line
@@ -145,9 +152,19 @@ def _open_outdir(p: Path) -> VectorSet:
             f"vectors {p}: no embeddings.npy/sources.txt yet (status {manifest.get('status')!r}); "
             "rerun the batch command to finish it"
         )
-    matrix = _load_npy(embeddings)
-    sources = Sources(path=sources_path)
-    _check(p, matrix, sources)
+    # --- batch layout 3 (issue #16; clipcli.batch.readers): read under the shared readers lock,
+    # and leave out tombstones (deleted sources' rows, all NaN until the next compaction).
+    from clipcli.batch.readers import live_rows, reading
+
+    with reading(p):
+        matrix = _load_npy(embeddings)
+        sources = Sources(path=sources_path)
+        _check(p, matrix, sources)
+        mask = live_rows(matrix, manifest)
+        if mask is not None:
+            matrix = np.ascontiguousarray(matrix[mask])
+            sources.keep(mask)
+    # --- end batch layout 3
     return VectorSet(p, matrix, sources, manifest, "outdir")
 
 
