@@ -79,11 +79,11 @@ def swap_shard_lines(out: Path) -> str:
 
 
 def garble_index(out: Path) -> str:
-    path = out / "index.jsonl"
+    path = out / "index.sqlite"
     data = bytearray(path.read_bytes())
-    data[len(data) // 2 : len(data) // 2 + 7] = b'}{"x":\x01'
+    data[: 100] = os.urandom(100)  # the SQLite header
     path.write_bytes(bytes(data))
-    return "index.jsonl"
+    return "index.sqlite"
 
 
 def truncate_embeddings(out: Path) -> str:
@@ -109,20 +109,37 @@ def test_damage_is_found_and_a_run_converges(tiny_model: str, folder: Path, outd
     assert line.startswith(f"{outdir / name}: ")
     assert "problem" in found.stderr and "--repair" in found.stderr
 
+    if damage == "garble_index":
+        # Layout 3: a run refuses a damaged index.sqlite (one line, exit 5); --repair rebuilds
+        # it from the shards (every row is still in one), and the next run embeds nothing.
+        run = cli(str(folder), "-o", str(outdir), "-m", tiny_model, *ARGS)
+        assert run.exit_code == 5
+        assert_one_error(run.stderr, str(outdir / "index.sqlite"), "check --repair")
+        repaired = check(str(outdir), "--repair")
+        assert repaired.exit_code == 0, repaired.stdout + repaired.stderr
     dry = cli(str(folder), "-o", str(outdir), "-m", tiny_model, *ARGS, "--dry-run")
     assert dry.exit_code == 0, dry.stderr
-    assert len(dry.stdout.splitlines()) == (2 if in_shard else 0)  # the damaged shard's rows, to embed again
-    dry_warnings = [w for w in dry.stderr.splitlines() if w.startswith("warning: ")]
-    assert len(dry_warnings) == (1 if in_shard else 0) and "Traceback" not in dry.stderr
+    # Layout 3: applied shards are not read again by runs (their rows are in embeddings.npy),
+    # so a damaged one costs nothing to embed; `check --repair` removes it.
+    assert len(dry.stdout.splitlines()) == 0
+    assert "Traceback" not in dry.stderr
 
     run = cli(str(folder), "-o", str(outdir), "-m", tiny_model, *ARGS)
     assert run.exit_code == 0, run.stderr
     assert "Traceback" not in run.stderr
     warnings = [w for w in run.stderr.splitlines() if w.startswith("warning: ")]
-    assert len(warnings) == 1 and name.split("/")[-1] in warnings[0]
-    assert manifest(outdir)["counts"]["embedded"] == (2 if in_shard else 0)
+    if damage == "truncate_embeddings":
+        assert len(warnings) == 1 and name.split("/")[-1] in warnings[0]  # written again from the shards
+    else:
+        assert warnings == []
+    assert manifest(outdir)["counts"]["embedded"] == 0
     assert temporaries(outdir) == []
     assert_same(outdir, reference)
+    if in_shard:
+        repaired = check(str(outdir), "--repair")
+        assert repaired.exit_code == 0, repaired.stdout + repaired.stderr
+        assert not (outdir / name).exists()
+        assert_same(outdir, reference)
     healthy = check(str(outdir))
     assert healthy.exit_code == 0 and healthy.stdout == "", healthy.stdout + healthy.stderr
     assert "healthy" in healthy.stderr
@@ -208,7 +225,8 @@ def test_mass_deletion_is_refused_unless_allowed(tiny_model: str, folder: Path, 
     refused = cli(str(photos), "-o", str(out), "-m", tiny_model, *ARGS)
     assert refused.exit_code == 2 and "refusing to drop 3 of 5 rows" in refused.stderr
     kept = cli(str(photos), "-o", str(out), "-m", tiny_model, *ARGS, "--keep-deleted")
-    assert kept.exit_code == 0 and manifest(out)["counts"]["rows"] == N  # every row in the shards, 0.png too
+    # Layout 3: the rows are kept; 0.png's row was dropped by the earlier run (a tombstone).
+    assert kept.exit_code == 0 and manifest(out)["counts"]["rows"] == N - 1
     allowed = cli(str(photos), "-o", str(out), "-m", tiny_model, *ARGS, "--allow-deletions")
     assert allowed.exit_code == 0 and manifest(out)["counts"]["rows"] == 2
 
@@ -233,7 +251,7 @@ def test_outdir_without_checksums_keeps_working(tiny_model: str, folder: Path, o
     assert run.exit_code == 0 and "warning" not in run.stderr, run.stderr
     assert manifest(outdir)["counts"]["embedded"] == 0
     assert_same(outdir, reference)
-    assert set(manifest(outdir)["consolidated"]["files"]) == {"embeddings.npy", "sources.txt", "index.jsonl"}
+    assert set(manifest(outdir)["consolidated"]["files"]) == {"embeddings.npy", "sources.txt"}  # layout 3
     data["consolidated"].pop("files", None)
     (outdir / "manifest.json").write_text(json.dumps(data))
     truncate_embeddings(outdir)  # still caught by the structural checks
@@ -272,12 +290,12 @@ def garbage_in_shard_of(out: Path) -> None:
 
 
 def test_repair_without_index_rebuilds_from_every_shard_row(tiny_model: str, folder: Path, outdir: Path, reference: Any) -> None:
-    (outdir / "index.jsonl").unlink()
+    (outdir / "index.sqlite").unlink()
     found = check(str(outdir))
-    assert found.exit_code == 1 and found.stdout.splitlines() == [f"{outdir / 'index.jsonl'}: missing"]
+    assert found.exit_code == 1 and found.stdout.splitlines() == [f"{outdir / 'index.sqlite'}: missing"]
     repaired = check(str(outdir), "--repair")
     assert repaired.exit_code == 0, repaired.stdout + repaired.stderr
-    assert repaired.stdout.splitlines() == [f"repaired {outdir / 'index.jsonl'}: rebuilt from the shards"]
+    assert repaired.stdout.splitlines() == [f"repaired {outdir / 'index.sqlite'}: rebuilt from the shards"]
     assert_same(outdir, reference)  # every row is still in a shard: the same result
     assert check(str(outdir)).exit_code == 0
     run = cli(str(folder), "-o", str(outdir), "-m", tiny_model, *ARGS)

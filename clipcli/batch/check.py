@@ -158,36 +158,56 @@ class _Checker:
         dim, dtype = int(manifest["dim"]), str(manifest["dtype"])
         damaged = _sqlite_problem(path)
         if damaged:
-            self.problem(path, damaged, lambda: rebuild_index(layout, manifest),
-                         "rebuilt from the shards (the next batch run writes the outputs from them)")
+            self.problem(path, damaged, lambda: self._after_repair(manifest, rebuild_index(layout, manifest), None),
+                         "rebuilt from the shards")
             return
         with IndexDB(path, readonly=not self.repair) as db:
             unfinished = bool(db.get("compact_pending") or db.get("rewrite_pending") or db.count("redo"))
-            found = apply.problems(layout, db, dim, dtype)
-            if not found:
-                found = _line_count_problems(layout, db.slots)
+            found = [] if unfinished else apply.problems(layout, db, dim, dtype) or _line_count_problems(layout, db.slots)
             if unfinished:
                 self.problem(layout.root, "an update was interrupted (embeddings.npy may be half updated)",
                              lambda: apply.recover(layout, db, dim, dtype), "the interrupted update was finished")
-            for text in found if not unfinished else []:
+            for text in found:
                 name, _, reason = text.partition(": ")
-                self.problem(layout.root / name, reason)
-            if found and not unfinished and self.repair:
-                apply.rewrite(layout, db, dim, dtype)
-                self.report.repaired.append(f"{layout.embeddings_path}: rebuilt from the shards")
-                self.report.remaining.clear()
+                self.problem(layout.root / name, reason, lambda: None, "rebuilt from the shards")
             on_disk = layout.shard_files()
             lost = [n for n in db.referenced_shards() if n not in state.shards or n not in on_disk]
-            if lost:
-                rows = sum(int(db.run("SELECT count(*) FROM rows WHERE shard = ?", (n,)).fetchone()[0]) for n in lost)
+            count = sum(int(db.run("SELECT count(*) FROM rows WHERE shard = ?", (n,)).fetchone()[0]) for n in lost)
+            if found and self.repair:
+                # embeddings.npy cannot be trusted: only rows a shard still holds are kept.
+                dropped = count + int(db.run("SELECT count(*) FROM rows WHERE shard IS NULL").fetchone()[0])
+                db.begin()
+                db.many("DELETE FROM rows WHERE shard = ?", ((n,) for n in lost))
+                db.run("DELETE FROM rows WHERE shard IS NULL")
+                db.commit()
+                apply.rewrite(layout, db, dim, dtype)
+                self._after_repair(manifest, db.slots, dropped)
+            elif lost:
                 self.report.notes.append(
-                    f"{rows} row(s) are in {layout.embeddings_path.name} but no longer in a shard; "
-                    "they are kept, but a rewrite after damage to embeddings.npy could not restore them"
+                    f"{count} row(s) are in {layout.embeddings_path.name} but no longer in a shard; they are "
+                    "kept, but damage to embeddings.npy could not be repaired for them (they would be embedded again)"
                 )
                 if self.repair:
                     db.many("UPDATE rows SET shard = NULL, shard_row = NULL WHERE shard = ?", ((n,) for n in lost))
-                    db.many("DELETE FROM applied WHERE shard = ?", ((n,) for n in lost))
             self.report.rows = db.slots - db.count("dead")
+
+    def _after_repair(self, manifest: dict[str, Any], rows: int, dropped: int | None) -> None:
+        """Record the rebuilt outputs in the manifest (status ``repaired`` when rows were lost)."""
+        from clipcli.batch import apply
+        from clipcli.batch.index_db import IndexDB
+
+        with IndexDB(self.layout.root / INDEX_DB, readonly=True) as db:
+            record = apply.consolidated(self.layout, db, int(manifest["dim"]), str(manifest["dtype"]))
+        manifest = dict(manifest)
+        manifest["consolidated"] = record
+        if dropped is None or dropped:
+            manifest["status"] = "repaired"
+            self.report.notes.append(
+                f"rebuilt {self.layout.embeddings_path.name} with the {rows} rows the shards hold; "
+                "rerun the batch command to embed what is missing"
+            )
+        self.layout.write_manifest(manifest)
+        self.report.rows = rows
 
     def _backed(self, state: State) -> None:
         """Every consolidated row must still have its shard row (else a rerun cannot keep it)."""

@@ -125,16 +125,29 @@ def _fill(
     db.commit()
 
 
-def rebuild_index(layout: Layout, manifest: dict[str, Any]) -> None:
-    """``batch check --repair`` of a damaged index.sqlite: a new, empty one with every shard
-    unapplied, so the next run writes the outputs again from the shards (rows no shard holds
-    any more are embedded again)."""
+def rebuild_index(layout: Layout, manifest: dict[str, Any]) -> int:
+    """``batch check --repair`` of a missing or damaged index.sqlite: a new one from the latest
+    row of every source the shards hold, and the outputs rewritten from them (sorted). Rows no
+    shard holds any more are embedded again by the next run. Returns the rows kept."""
+    from clipcli.batch.apply import rewrite
+    from clipcli.batch.layout import sort_key
+
     path = index_path(layout)
     for stale in (path, path.with_name(path.name + "-journal")):
         unlink(stale)
+    dim, dtype = int(manifest["dim"]), str(manifest["dtype"])
+    state = layout.scan(clean=False, dim=dim)
+    refs = sorted(state.latest.items(), key=lambda pair: sort_key(pair[1].record))
     with IndexDB(path) as db:
         db.begin()
-        db.set("slots", 0)
+        db.many(
+            "INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            ((key(source), row, *version_columns(ref.record), ref.shard, ref.row) for row, (source, ref) in enumerate(refs)),
+        )
+        db.many("INSERT INTO applied VALUES (?)", ((n,) for n in state.shards))
+        db.set("slots", len(refs))
         db.set("sources_bytes", 0)
         db.set("rewrite_pending", True)
         db.commit()
+        rewrite(layout, db, dim, dtype)
+    return len(refs)
