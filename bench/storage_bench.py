@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Batch storage at scale (issue #16): what an incremental ``clipcli batch`` run costs.
+
+Fabricates, without embedding anything, a layout-2 OUTDIR (the layout before index.sqlite) of
+``--rows`` rows x 512 dims over as many small files (they exist, so every run must ``stat``
+them, but they are not images: a run that tried to embed an unchanged one would fail it), then
+measures, each run in its own process (wall time, peak RSS from wait4, bytes written from
+``/proc/self/io`` ``wchar``):
+
+* ``migrate``: the first layout-3 run (index.sqlite built from index.jsonl; nothing re-embedded);
+* ``noop``: a rerun with nothing changed, and what dominates it (walk + stat of every file,
+  measured on its own in this process);
+* ``add10`` / ``change10`` / ``delete10``: reruns after adding, changing, deleting 10 files;
+* ``compact``: ``--compact`` (a full streamed rewrite) against ``cp embeddings.npy``;
+* with ``--compare-v2``, the same no-op and change runs with the layout-2 code of ``--v2-tree``
+  (e.g. a checkout of main before this change) on a copy of the fabricated OUTDIR.
+
+The model is a random-weight tiny CLIP with a 512-wide projection (``--feature projected``),
+so the vectors have ViT-B/32's width; model loading is in every changing run's time.
+
+    python bench/storage_bench.py --quick          # 20,000 rows
+    python bench/storage_bench.py                   # 1,000,000 rows (several minutes, ~6 GB of disk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT / "tests"), str(ROOT)]
+
+# /proc/self/io (bytes written) and VmHWM (peak RSS of this process image: unlike wait4's
+# ru_maxrss it does not inherit the forking parent's high-water mark) at exit.
+WRAP = (
+    "import atexit, runpy, sys\n"
+    "report = sys.argv[1]\n"
+    "def dump():\n"
+    "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+    "    open(report, 'w').write(open('/proc/self/io').read() + f'vmhwm_kib: {hwm}\\n')\n"
+    "atexit.register(dump)\n"
+    "sys.argv = ['clipcli', *sys.argv[2:]]\n"
+    "runpy.run_module('clipcli', run_name='__main__')\n"
+)
+
+
+def measured(args: list[str], work: Path, pythonpath: str | None = None) -> dict[str, Any]:
+    """Run ``python -m clipcli ARGS``: wall s, peak RSS MiB, wchar bytes, exit code, stderr tail."""
+    io_file = work / f"io-{time.monotonic_ns()}.txt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", WRAP, str(io_file), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - start
+    io = {}
+    if io_file.exists():
+        for line in io_file.read_text().splitlines():
+            name, _, value = line.partition(":")
+            io[name.strip()] = int(value)
+    rss_kib = io.get("vmhwm_kib", usage.ru_maxrss)
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(rss_kib / 1024, 1), "wchar": io.get("wchar"),
+            "rc": proc.returncode, "stderr": err.strip().splitlines()[-1:] if err.strip() else []}
+
+
+def make_files(folder: Path, n: int) -> list[str]:
+    """``n`` small distinct non-image files in 1000-file folders (sorted paths)."""
+    paths = []
+    for i in range(n):
+        sub = folder / f"d{i // 1000:04d}"
+        if i % 1000 == 0:
+            sub.mkdir(parents=True, exist_ok=True)
+        path = sub / f"f{i:07d}.png"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"x%d" % i)
+        os.close(fd)
+        paths.append(str(path))
+    return sorted(paths)
+
+
+def fabricate(out: Path, sources: list[str], dim: int, template: dict[str, Any]) -> None:
+    """A layout-2 OUTDIR of random vectors, written shard by shard (flat memory per shard)."""
+    import numpy as np
+
+    from clipcli.batch.layout import Layout, RowRef, dumps, sort_key
+
+    layout = Layout(out)
+    layout.create()
+    rng = np.random.default_rng(0)
+    refs = []
+    shard = 4096
+    for number, start in enumerate(range(0, len(sources), shard)):
+        chunk = []
+        for source in sources[start : start + shard]:
+            st = os.stat(source)
+            chunk.append({"source": source, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        vectors = rng.standard_normal((len(chunk), dim), dtype=np.float32)
+        layout.write_shard(number, vectors, chunk)
+        refs += [RowRef(number, row, dumps(record)) for row, record in enumerate(chunk)]
+    refs.sort(key=lambda ref: sort_key(ref.record))
+    files = layout.consolidate(refs, dim, "float32")
+    layout.write_manifest({
+        **template, "layout_version": 2, "status": "complete",
+        "consolidated": {"digest": layout.digest(refs, dim, "float32"), "rows": len(refs), "dim": dim,
+                         "dtype": "float32", "files": files},
+    })
+
+
+def model_and_template(cache: Path, work: Path) -> tuple[str, dict[str, Any]]:
+    import inputs
+    from conftest import make_image
+
+    tiny = inputs.ARCHS["tiny"]
+    inputs.ARCHS["tiny-512"] = inputs.Arch("tiny-512", tiny.vision, tiny.text, 512)
+    model = inputs.ensure_model(cache, "tiny-512")
+    make_image(work / "one.png", seed=1)
+    out = work / "template"
+    result = measured(["batch", str(work / "one.png"), "-o", str(out), "-m", model, "--feature", "projected", "-q"], work)
+    assert result["rc"] == 0, result
+    data = json.loads((out / "manifest.json").read_text())
+    keep = {k: v for k, v in data.items() if k not in ("consolidated", "counts", "timings", "summary", "layout_version")}
+    keep["files"] = {**keep.get("files", {}), "index": "index.jsonl"}
+    return model, keep
+
+
+def walk_and_stat(folder: Path) -> float:
+    """What a no-op run cannot avoid: listing the collection and one stat per file."""
+    from clipcli.batch.collect import collect_images
+
+    start = time.monotonic()
+    collection = collect_images([str(folder)])
+    for source in collection.images:
+        os.stat(source)
+    return time.monotonic() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--quick", action="store_true", help="20,000 rows")
+    p.add_argument("--work", type=Path, default=Path("/tmp/clipcli-storage-bench"))
+    p.add_argument("--cache", type=Path, default=HERE / ".cache")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "storage.json")
+    p.add_argument("--compare-v2", action="store_true", help="also time the layout-2 code of --v2-tree")
+    p.add_argument("--v2-tree", default="/work/main")
+    args = p.parse_args()
+    rows = 20_000 if args.quick else args.rows
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    from conftest import make_image
+
+    report: dict[str, Any] = {"rows": rows, "dim": 512, "load_average_start": os.getloadavg(), "runs": {}}
+    t = time.monotonic()
+    model, template = model_and_template(args.cache, args.work)
+    folder, out = args.work / "photos", args.work / "out"
+    sources = make_files(folder, rows)
+    report["make_files_s"] = round(time.monotonic() - t, 1)
+    t = time.monotonic()
+    fabricate(out, sources, 512, template)
+    report["fabricate_s"] = round(time.monotonic() - t, 1)
+    base = ["batch", str(folder), "-o", str(out), "-m", model, "--feature", "projected", "-q", "--max-errors", "100%"]
+    runs = report["runs"]
+    if args.compare_v2:
+        v2 = args.work / "out-v2"
+        shutil.copytree(out, v2)
+        v2_base = [*base[:3], str(v2), *base[4:]]
+        runs["v2_noop"] = measured(v2_base, args.work, pythonpath=args.v2_tree)
+    npy = out / "embeddings.npy"
+    runs["migrate"] = measured(base, args.work)
+    runs["noop"] = measured(base, args.work)
+    report["walk_and_stat_s"] = round(walk_and_stat(folder), 2)
+    for i in range(10):
+        make_image(folder / "d0000" / f"new-{i}.png", (40, 36), seed=900 + i)
+    runs["add10"] = measured(base, args.work)
+    for i in range(10):
+        target = Path(sources[1000 + i * (rows // 20)])
+        make_image(target, (40, 36), seed=950 + i)
+    runs["change10"] = measured(base, args.work)
+    for i in range(10):
+        Path(sources[500 + i * (rows // 20)]).unlink()
+    runs["delete10"] = measured(base, args.work)
+    if args.compare_v2:
+        for i in range(10):
+            make_image(folder / "d0000" / f"v2new-{i}.png", (40, 36), seed=990 + i)
+        runs["v2_after_40_changes"] = measured(v2_base, args.work, pythonpath=args.v2_tree)  # the 30 above + 10 new
+        runs["add10_again"] = measured(base, args.work)
+    size = npy.stat().st_size
+    report["embeddings_bytes"] = size
+    report["index_sqlite_bytes"] = (out / "index.sqlite").stat().st_size
+    t = time.monotonic()
+    shutil.copyfile(npy, args.work / "copy.npy")
+    os.sync()
+    report["cp_embeddings_s"] = round(time.monotonic() - t, 2)
+    (args.work / "copy.npy").unlink()
+    runs["compact"] = measured([*base, "--compact"], args.work)
+    for name in ("add10", "change10", "delete10"):
+        run = runs[name]
+        run["written_pct_of_embeddings"] = round(100 * (run["wchar"] or 0) / size, 4)
+    for name, run in runs.items():
+        run["peak_rss_bytes_per_row"] = round(run["peak_rss_mib"] * 1024 * 1024 / rows, 1)
+    report["load_average_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# batch storage: {report['rows']:,} rows x {report['dim']} dims",
+        "",
+        f"embeddings.npy {report['embeddings_bytes'] / 2**20:.0f} MiB, index.sqlite {report['index_sqlite_bytes'] / 2**20:.0f} MiB; "
+        f"walk + stat of every file alone: {report['walk_and_stat_s']} s; cp of embeddings.npy (+sync): {report['cp_embeddings_s']} s; "
+        f"load average {report['load_average_start']} -> {report['load_average_end']}",
+        "",
+        "| run | exit | wall s | peak RSS MiB | RSS bytes/row | bytes written (wchar) | % of embeddings.npy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, run in report["runs"].items():
+        pct = run.get("written_pct_of_embeddings", "")
+        lines.append(f"| {name} | {run['rc']} | {run['wall_s']} | {run['peak_rss_mib']} | {run['peak_rss_bytes_per_row']} | "
+                     f"{run['wchar']} | {pct} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
