@@ -152,7 +152,7 @@ def test_batch_edquot_during_consolidation(tiny_model: str, collection: Path, re
     out = work(fs, request) / "out"
     first = [str(p) for p in sorted(collection.iterdir())[:8]]
     assert cli(*first, "-o", str(out), "-m", tiny_model, *ARGS).exit_code == 0
-    before = {name: (out / name).read_bytes() for name in ("embeddings.npy", "sources.txt", "index.jsonl")}
+    before = {name: (out / name).read_bytes() for name in ("embeddings.npy", "sources.txt", "index.sqlite")}
 
     paused = Paused(tmp_path, "consolidate-start", *args(collection, out, tiny_model))
     paused.wait_paused()  # every shard is committed; the consolidation is next

@@ -89,6 +89,7 @@ def recover(layout: Layout, db: IndexDB, dim: int, dtype: str, warn: Callable[[s
     if db.get("rewrite_pending"):
         rewrite(layout, db, dim, dtype)
         return
+    trim_reserved(layout, db, dim, dtype)
     found = problems(layout, db, dim, dtype) if db.slots or layout.embeddings_path.exists() else []
     if found:
         if warn is not None:
@@ -146,6 +147,9 @@ def update(
         ensure_space(layout.root, grow + (db.get("sources_bytes", 0) if full else 0) + _DB_MARGIN, layout.embeddings_path)
         appends.sort(key=lambda pair: sort_key(pair[1].record))
         lines: list[str] = []
+        # Reserve the appended rows with real writes too: a quota or a file system that statvfs
+        # does not describe (FUSE, NFS) refuses them here, before anything is recorded.
+        reserved = None if full or not appends else _reserve(layout.embeddings_path, len(appends) * row_bytes)
         db.begin()
         try:
             for row, source, ref in puts:
@@ -175,6 +179,8 @@ def update(
             db.commit()
         except BaseException:
             db.rollback()
+            if reserved is not None:
+                _trim(layout.embeddings_path, reserved)
             raise
         pause_at("apply-start")
         if full:
@@ -183,6 +189,53 @@ def update(
             apply_redo(layout, db, dim, dtype)
     drop_unreferenced(layout, db)
     return consolidated(layout, db, dim, dtype)
+
+
+def _reserve(path: Path, size: int) -> int:
+    """Append ``size`` zero bytes to ``path`` (the rows an update will write there); return the
+    old size. StorageError (and the file cut back) when they do not fit."""
+    try:
+        old = path.stat().st_size
+        with open(path, "r+b") as handle:
+            handle.seek(old)
+            block = bytes(min(size, 1 << 20))
+            left = size
+            while left:
+                handle.write(block[: min(left, len(block))])
+                left -= min(left, len(block))
+            handle.flush()
+    except OSError as exc:
+        _trim(path, locals().get("old"))
+        raise storage_error(path, exc) from None
+    return old
+
+
+def _trim(path: Path, size: int | None) -> None:
+    """Cut ``path`` back to ``size`` bytes (best effort: a failure path)."""
+    if size is None:
+        return
+    try:
+        os.truncate(path, size)
+    except OSError:
+        pass  # the next run's recover() trims it
+
+
+def trim_reserved(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
+    """Cut off rows reserved by an update that a kill stopped before index.sqlite recorded it
+    (the file is longer than its header says, and the header is what the index says)."""
+    info = read_npy_header(layout.embeddings_path)
+    if not isinstance(info, str) or "longer than its header says" not in info:
+        return
+    try:
+        with open(layout.embeddings_path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dt = reader(handle)
+            offset = handle.tell()
+    except (OSError, ValueError):
+        return
+    if tuple(shape) == (db.slots, dim) and dt == np.dtype(dtype):
+        _trim(layout.embeddings_path, offset + db.slots * dim * dt.itemsize)
 
 
 def _fits(layout: Layout, rows: int, dim: int, dtype: str) -> bool:
