@@ -772,6 +772,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--worker"]:
         worker_main(argv[1])
         return 0
+    # --- batch storage (issue #16): `run.py --storage [--quick]` runs bench/storage_bench.py alone.
+    if "--storage" in argv:
+        rest = [a for a in argv if a != "--storage"]
+        return subprocess.call([sys.executable, str(HERE / "storage_bench.py"), *rest])
+    # --- end batch storage
     ARGS = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.time()

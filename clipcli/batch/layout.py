@@ -1,13 +1,14 @@
-"""The on-disk layout of a ``clipcli batch`` output directory.
+"""The on-disk layout of a ``clipcli batch`` output directory (layout 3).
 
 ::
 
     OUTDIR/
       manifest.json          settings of the embedding space, counts, timings, status
-      embeddings.npy         (N, D) consolidated vectors, rows sorted by source
+      embeddings.npy         (N, D) vectors; row order and tombstones: see clipcli.batch.apply
       sources.txt            N lines: the source of row i on line i (writers.escape_line)
-      index.jsonl            N lines: the source of row i and what identifies its version
+      index.sqlite           the index (clipcli.batch.index_db); layout 2 had index.jsonl
       errors.jsonl           inputs that failed in the latest run (retried on the next)
+      .readers               flock of readers (clipcli.batch.readers)
       shards/shard-000000.npy    vectors of one shard, in the order they were embedded
       shards/shard-000000.jsonl  index part of that shard: one record per row, then a checksum line
       .lock                  flock target; never needs removing
@@ -23,6 +24,12 @@ embedded again.
 When a source appears in several shards (it changed and was embedded again), the row in the
 highest-numbered shard is the current one; older rows are superseded, left out of the
 consolidated output, and a shard whose rows are all superseded is deleted after consolidation.
+
+Layout 3: the first run writes ``embeddings.npy`` sorted by source; later runs rewrite a
+changed source's row in place, append new rows and turn a deleted source's row into a
+tombstone (all NaN; its ``sources.txt`` line still names it) until a compaction rewrites both
+files sorted again (:mod:`clipcli.batch.apply`). Shards already applied are recorded in
+index.sqlite and not scanned again. (Layout 2 rewrote all three outputs, sorted, every run.)
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 One run, under the output directory's lock:
 
-1. remove leftovers of an interrupted run (``.*.tmp``, an ``.npy`` without index part), scan
-   and verify the committed shards (a damaged one is reported, removed and embedded again),
-   read the manifest;
+1. open index.sqlite (migrating a layout-2 OUTDIR in place), finish an update a kill
+   interrupted, remove leftovers (``.*.tmp``, an ``.npy`` without index part), scan and verify
+   the shards not yet applied (a damaged one is reported, removed and embedded again);
 2. plan (:mod:`clipcli.batch.plan`): a source is *done* when its latest row was made from the
    same version of it (size and mtime_ns, or sha256 with ``--hash``; texts by sha256; URLs once
    embedded stay done); every other source, including those that failed last time, is
@@ -13,9 +13,9 @@ One run, under the output directory's lock:
 3. refuse settings that differ from the ones OUTDIR was made with (UsageError, exit 2);
 4. embed the plan (:mod:`clipcli.batch.embedding`) and commit a shard every ``shard_size``
    rows; failures go to errors.jsonl;
-5. consolidate the current rows, sorted by source, into embeddings.npy + sources.txt +
-   index.jsonl (skipped when the rows are the same as last time and the outputs verify),
-   then delete fully superseded shards;
+5. apply this run's rows to embeddings.npy + sources.txt in O(changes) (index.sqlite records
+   the update first; :mod:`clipcli.batch.apply`), or rewrite them sorted on the first run and
+   on compaction, then delete fully superseded shards;
 6. write manifest.json with the counts, timings, a one-line summary and the outputs' checksums.
 
 A write that fails (disk full, read-only, I/O error) is a StorageError: temporary files are

@@ -61,7 +61,7 @@ DEFAULT_SHARD_SIZE = 1024  # mirrors clipcli.batch.runner.DEFAULT_SHARD_SIZE (ke
 
 HELP = """Embed a whole collection into OUTDIR, resumably and incrementally.
 
-Rerunning the same command embeds only what is new or changed, continues after a crash or Ctrl-C, and never mixes settings. OUTDIR ends with embeddings.npy (rows sorted by source), sources.txt, index.jsonl, errors.jsonl and manifest.json.
+Rerunning the same command embeds only what is new or changed, continues after a crash or Ctrl-C, and never mixes settings. OUTDIR ends with embeddings.npy (row i <-> line i of sources.txt; sorted by source on the first run, then changed rows rewritten in place, new rows appended, deleted rows NaN tombstones until a compaction), sources.txt, index.sqlite, errors.jsonl and manifest.json.
 
 Scale out: --engine ray embeds on a Ray cluster; --shard I/N embeds part I of N (one OUTDIR per part, e.g. a Slurm array), and 'clipcli batch merge OUTDIR... -o MERGED' combines the parts (see clipcli batch merge --help). 'clipcli batch check OUTDIR [--repair]' verifies (and repairs) an OUTDIR.
 

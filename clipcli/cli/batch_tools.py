@@ -47,9 +47,9 @@ def merge_command() -> click.Command:
 
 CHECK_HELP = """Verify a batch OUTDIR (or a merged result) and, with --repair, fix what can be fixed.
 
-Checks leftover temporary files, every shard (its vectors and index part, their checksums), and embeddings.npy, sources.txt and index.jsonl against manifest.json (size, header, row count, checksums). Prints one problem per line on stdout (PATH: reason) and a summary on stderr.
+Checks leftover temporary files, every shard (its vectors and index part, their checksums), and embeddings.npy, sources.txt and index.sqlite (SQLite's quick_check; shape, sizes and line count against it; an interrupted update) - for a merged result, against manifest.json (size, header, row count, checksums). Prints one problem per line on stdout (PATH: reason) and a summary on stderr.
 
---repair (takes the OUTDIR's lock): removes temporary files and damaged or orphan shard files (the next batch run embeds their rows again) and rebuilds the consolidated outputs from the shards when they fail to verify. Lines on stdout then say what was done.
+--repair (takes the OUTDIR's lock): removes temporary files and damaged or orphan shard files (the next batch run embeds their rows again) finishes an interrupted update, rebuilds a missing or damaged index.sqlite from the shards, and rebuilds the consolidated outputs from the shards when they fail to verify. Lines on stdout then say what was done.
 
 Exit 0: healthy (or, with --repair, everything found was repaired); 1: problems remain (listed); 2: not a batch OUTDIR; 4: a batch run holds OUTDIR; 5: a repair could not be written.
 
