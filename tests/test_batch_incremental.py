@@ -207,6 +207,16 @@ def test_bytes_written_by_an_update_do_not_grow_with_the_collection(
     assert written[10000] < 1.5 * written[2000] + 32 * 1024, written
 
 
+def test_kill_during_the_migration_then_rerun(tiny_model: str, collection: Collection, tmp_path: Path) -> None:
+    _kill_at(collection, tiny_model, "migrate", tmp_path)
+    assert (collection.out / "index.jsonl").exists() and not (collection.out / "index.sqlite").exists()
+    rerun = cli(*collection.args(tiny_model)[1:])
+    assert rerun.exit_code == 0 and manifest(collection.out)["counts"]["embedded"] == 0, rerun.stderr
+    assert not (collection.out / "index.jsonl").exists()
+    assert_mapping(collection.out, collection.before)
+    assert_healthy(collection.out)
+
+
 def _kill_at(collection: Collection, model: str, point: str, tmp: Path, *extra: str) -> None:
     paused = Paused(tmp, point, *collection.args(model, *extra))
     paused.wait_paused()

@@ -22,7 +22,7 @@ from typing import Any
 
 from clipcli.batch.index_db import INDEX_DB, IndexDB, key, sqlite_error, version_columns
 from clipcli.batch.layout import Layout
-from clipcli.batch.storage import TMP_SUFFIX, fsync_dir, unlink
+from clipcli.batch.storage import TMP_SUFFIX, fsync_dir, pause_at, unlink
 from clipcli.batch.verify import check_outputs
 from clipcli.errors import storage_error
 
@@ -66,6 +66,7 @@ def open_index(
             os.fsync(fd)
         finally:
             os.close(fd)
+        pause_at("migrate")
         os.replace(tmp, path)
     except sqlite3.Error as exc:
         tmp.unlink(missing_ok=True)

@@ -48,7 +48,11 @@ def pause_at(point: str) -> None:
     and sleeps until a test removes FLAGFILE (at most 120 s), so the test can send a signal or
     fill the disk exactly there. Points: ``shard-write`` (a shard's .npy temp file written, not
     renamed), ``consolidate-start``, ``consolidate`` (embeddings.npy temp written, nothing
-    renamed), ``consolidate-renames`` (embeddings.npy renamed, sources/index not yet).
+    renamed), ``consolidate-renames`` (embeddings.npy renamed, sources/index not yet); layout 3
+    (:mod:`clipcli.batch.apply`, :mod:`clipcli.batch.migrate`): ``apply-start`` (update recorded in
+    index.sqlite, no file written), ``apply-rows`` (rows written, header and sources.txt not),
+    ``compact-start``, ``compact`` (rewrite's temp files complete, index not yet renumbered),
+    ``migrate`` (the new index.sqlite built, not renamed into place).
     """
     if not _PAUSE:
         return
