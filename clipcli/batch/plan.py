@@ -104,19 +104,20 @@ def make_plan(
 
     kept: dict[int, TextRecord] = {}
     sources: list[str] = []
+    watch = {key(s) for s in latest}  # rows in shards not yet applied: are their sources still here?
 
     def rows() -> Iterator[tuple[Any, ...]]:
         for pos, (source, record, text) in enumerate(found):
             sources.append(source)
             if text is not None:
                 kept[pos] = text
-            yield (key(source), record.get("size"), record.get("mtime_ns"), record.get("sha256"),
-                   int(bool(record.get("unreadable"))), pos)
+            yield (pos, key(source), record.get("size"), record.get("mtime_ns"), record.get("sha256"),
+                   int(bool(record.get("unreadable"))))
 
-    db.load_current(rows())
+    changes, gone, seen = db.compare(rows(), watch)
     todo: list[Item] = []
     pending_ok: set[str] = set()
-    for pos, size, mtime_ns, sha256, unreadable in db.changed():
+    for pos, size, mtime_ns, sha256, unreadable in changes:
         source = sources[pos]
         text = kept.get(pos)
         if text is not None:
@@ -134,9 +135,8 @@ def make_plan(
         else:
             todo.append(Item(source, record, None if text is None else text.text))
     kept.clear()
-    gone = db.gone()
     in_db = set(gone)
-    deleted = sorted({*gone, *(s for s in latest if s not in in_db and not db.is_current(s) and db.lookup(s) is None)})
+    deleted = sorted({*gone, *(s for s in latest if s not in in_db and key(s) not in seen and db.lookup(s) is None)})
     changed = len(todo) + len(pending_ok)
     return Plan(
         modality, len(sources), todo, len(sources) - changed + len(pending_ok), deleted, failures,
