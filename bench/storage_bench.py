@@ -156,21 +156,37 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE / "results" / "storage.json")
     p.add_argument("--compare-v2", action="store_true", help="also time the layout-2 code of --v2-tree")
     p.add_argument("--v2-tree", default="/work/main")
+    p.add_argument("--reuse", action="store_true",
+                   help="measure again on the OUTDIR a previous run left in --work (no fabrication, no migration)")
     args = p.parse_args()
     rows = 20_000 if args.quick else args.rows
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
+    if not args.reuse:
+        shutil.rmtree(args.work, ignore_errors=True)
+        args.work.mkdir(parents=True)
     from conftest import make_image
 
     report: dict[str, Any] = {"rows": rows, "dim": 512, "load_average_start": os.getloadavg(), "runs": {}}
     t = time.monotonic()
-    model, template = model_and_template(args.cache, args.work)
     folder, out = args.work / "photos", args.work / "out"
-    sources = make_files(folder, rows)
-    report["make_files_s"] = round(time.monotonic() - t, 1)
-    t = time.monotonic()
-    fabricate(out, sources, 512, template)
-    report["fabricate_s"] = round(time.monotonic() - t, 1)
+    if args.reuse:
+        import inputs
+
+        tiny = inputs.ARCHS["tiny"]
+        inputs.ARCHS["tiny-512"] = inputs.Arch("tiny-512", tiny.vision, tiny.text, 512)
+        model = inputs.ensure_model(args.cache, "tiny-512")
+        from clipcli.batch.readers import read_outdir
+
+        sources = sorted(s for s in read_outdir(out)[1] if "/f" in s)
+        rows = len(sources)
+        report["rows"] = rows
+        args.compare_v2 = False
+    else:
+        model, template = model_and_template(args.cache, args.work)
+        sources = make_files(folder, rows)
+        report["make_files_s"] = round(time.monotonic() - t, 1)
+        t = time.monotonic()
+        fabricate(out, sources, 512, template)
+        report["fabricate_s"] = round(time.monotonic() - t, 1)
     base = ["batch", str(folder), "-o", str(out), "-m", model, "--feature", "projected", "-q", "--max-errors", "100%"]
     runs = report["runs"]
     if args.compare_v2:
@@ -179,18 +195,20 @@ def main() -> None:
         v2_base = [*base[:3], str(v2), *base[4:]]
         runs["v2_noop"] = measured(v2_base, args.work, pythonpath=args.v2_tree)
     npy = out / "embeddings.npy"
-    runs["migrate"] = measured(base, args.work)
+    if not args.reuse:
+        runs["migrate"] = measured(base, args.work)
     runs["noop"] = measured(base, args.work)
     report["walk_and_stat_s"] = round(walk_and_stat(folder), 2)
+    tag = f"r{time.monotonic_ns()}" if args.reuse else ""
     for i in range(10):
-        make_image(folder / "d0000" / f"new-{i}.png", (40, 36), seed=900 + i)
+        make_image(folder / "d0000" / f"new-{tag}{i}.png", (40, 36), seed=900 + i)
     runs["add10"] = measured(base, args.work)
     for i in range(10):
-        target = Path(sources[1000 + i * (rows // 20)])
+        target = Path(sources[1000 + i * (rows // 20) + (7 if args.reuse else 0)])
         make_image(target, (40, 36), seed=950 + i)
     runs["change10"] = measured(base, args.work)
     for i in range(10):
-        Path(sources[500 + i * (rows // 20)]).unlink()
+        Path(sources[500 + i * (rows // 20) + (7 if args.reuse else 0)]).unlink()
     runs["delete10"] = measured(base, args.work)
     if args.compare_v2:
         for i in range(10):
@@ -200,12 +218,15 @@ def main() -> None:
     size = npy.stat().st_size
     report["embeddings_bytes"] = size
     report["index_sqlite_bytes"] = (out / "index.sqlite").stat().st_size
-    t = time.monotonic()
-    shutil.copyfile(npy, args.work / "copy.npy")
-    os.sync()
-    report["cp_embeddings_s"] = round(time.monotonic() - t, 2)
-    (args.work / "copy.npy").unlink()
-    runs["compact"] = measured([*base, "--compact"], args.work)
+    report["cp_embeddings_s"] = None
+    if not args.reuse:
+        t = time.monotonic()
+        shutil.copyfile(npy, args.work / "copy.npy")
+        os.sync()
+        report["cp_embeddings_s"] = round(time.monotonic() - t, 2)
+        (args.work / "copy.npy").unlink()
+        runs["compact"] = measured([*base, "--compact"], args.work)
+    report["walk_and_stat_s"] = report.get("walk_and_stat_s")
     for name in ("add10", "change10", "delete10"):
         run = runs[name]
         run["written_pct_of_embeddings"] = round(100 * (run["wchar"] or 0) / size, 4)
