@@ -59,7 +59,8 @@ def measured(args: list[str], work: Path, pythonpath: str | None = None) -> dict
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-c", WRAP, str(io_file), *args], env=env,
+    # cwd: `python -c` puts the working directory first on sys.path, so the v2 tree must be it.
+    proc = subprocess.Popen([sys.executable, "-c", WRAP, str(io_file), *args], env=env, cwd=pythonpath or None,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     err = proc.stderr.read()
