@@ -31,8 +31,9 @@ __all__ = [
     "sources_sidecar", "unescape_line",
 ]
 
-FORMATS = ("jsonl", "json", "npy", "npz", "tsv")
-EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".npy": "npy", ".npz": "npz", ".tsv": "tsv"}
+FORMATS = ("jsonl", "json", "npy", "npz", "tsv", "parquet")
+EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".npy": "npy", ".npz": "npz", ".tsv": "tsv",
+              ".parquet": "parquet"}
 SOURCES_SUFFIX = ".sources.txt"
 
 
@@ -100,6 +101,10 @@ def prepare_output(target: str, fmt: str) -> None:
     Raises UsageError (exit 2) for a missing directory, StorageError (exit 5) for a read-only,
     full or forbidden one, so a cron job on a full disk fails in a second, not after the model ran.
     """
+    if fmt == "parquet":  # formats: Parquet (clipcli.parquet_out) needs a file and pyarrow
+        from clipcli.parquet_out import check_target
+
+        check_target(target)
     for path in output_files(target, fmt):
         remove_stale_temps(path)
         check_writable(path)
@@ -126,6 +131,7 @@ class Writer:
         self._sources: list[str] = []
         self._closed = False
         self._stream: IO[str] | None = None
+        self._parquet: Any = None  # formats: a clipcli.parquet_out.ParquetStream
         with self._guard():
             self._text_open()
 
@@ -151,7 +157,14 @@ class Writer:
     # -- setup
     def _text_open(self) -> None:
         to_stdout = self.target == "-"
-        if self.format in ("jsonl", "tsv", "json"):
+        if self.format == "parquet":  # formats: row groups streamed into the atomic file
+            from clipcli.parquet_out import ParquetStream, check_target
+
+            check_target(self.target)
+            file = open_output(self.target, "wb")
+            self._files.append(file)
+            self._parquet = ParquetStream(file.handle, self.metadata, self.dtype)
+        elif self.format in ("jsonl", "tsv", "json"):
             if to_stdout:
                 self._stream = sys.stdout
             else:
@@ -203,6 +216,8 @@ class Writer:
                 json.dumps({"source": s, "embedding": v}, ensure_ascii=False) for s, v in zip(sources, matrix.tolist())
             ]
             self._stream.write(("," if self.count else "") + ",".join(parts))
+        elif self._parquet is not None:  # formats
+            self._parquet.write(sources, matrix)
         else:
             assert self._rows is not None
             self._rows.write(np.ascontiguousarray(matrix, dtype=self.dtype.newbyteorder("<")).tobytes())
@@ -221,6 +236,8 @@ class Writer:
                 self._stream.flush()
             elif self.format in ("npy", "npz"):
                 self._finish_binary()
+            elif self._parquet is not None:  # formats
+                self._parquet.close(self.dim)
             for file in self._files:
                 file.finish()
             # Renames need no space: once every file is complete and durable, the .npy and its

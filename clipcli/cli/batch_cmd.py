@@ -181,6 +181,10 @@ class BatchCommand(TyperCommand):
     to that command; a directory literally named so is given as ``./merge``, ``./check``)."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
+        if args and args[0] == "export":  # formats: `batch export` (clipcli/cli/export_cmd.py)
+            from clipcli.cli.export_cmd import export_command
+
+            return export_command().make_context(f"{info_name or 'batch'} export", list(args[1:]), parent=parent, **extra)
         if args and args[0] in ("merge", "check"):
             from clipcli.cli import batch_tools
 
