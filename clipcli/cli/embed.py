@@ -169,6 +169,9 @@ def run_embed_images(
     fmt = prepare_output(output, settings)  # usage and storage errors before the slow model load
     target = find_server(settings, "image", server)
     refs = expand_stdin(inputs, sys.stdin, on_bad=reporter.skip)
+    from clipcli.tar_input import expand_image_inputs  # formats: {a..b} patterns, tar shards
+
+    refs = expand_image_inputs(refs, on_bad=reporter.skip)
     client = open_server_client(target, settings, "image", reporter, server)
     if client is not None:
         return _run_images_remote(client, refs, settings, output, fmt, reporter, fail_fast=fail_fast, server=server)
