@@ -149,6 +149,10 @@ class Writer:
             if isinstance(exc, BrokenPipeError) and self.target == "-":
                 raise  # the reader went away (`| head`): the CLI ends quietly
             raise storage_error(where or self._name, exc) from None
+        except KeyboardInterrupt:
+            # formats: Ctrl-C/SIGTERM/SIGHUP while close() renames: no temp file may stay behind.
+            self.abort()
+            raise
         except UnicodeEncodeError as exc:
             # stdout in a locale that cannot encode a source (LANG=...ISO-8859-1): named, not a traceback.
             self.abort()

@@ -76,8 +76,9 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def collect_images(inputs: Sequence[str], from_files: Sequence[str] = (), stdin: TextIO | None = None) -> Collection:
-    """Expand image inputs into a sorted list of unique sources."""
+def collect_images(inputs: Sequence[str], from_files: Sequence[str] = (), stdin: TextIO | None = None,
+                   listed: Iterable[str] = ()) -> Collection:
+    """Expand image inputs into a sorted list of unique sources (``listed``: list-file lines)."""
     out = Collection("image")
     found: set[str] = set()
     seen_dirs: set[tuple[int, int]] = set()
@@ -96,6 +97,8 @@ def collect_images(inputs: Sequence[str], from_files: Sequence[str] = (), stdin:
             stdin_used = True
         for line in _list_lines(list_path, stdin):
             _add(line, found, out, seen_dirs, glob_ok=False)
+    for line in listed:  # formats: a --from-table column's cells (clipcli.tables)
+        _add(line, found, out, seen_dirs, glob_ok=False)
     out.images = sorted(found)
     return out
 
