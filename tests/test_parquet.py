@@ -42,6 +42,8 @@ def test_embed_image_parquet_equals_npy(tiny_model, images, tmp_path):
     npz_meta = json.loads(str(np.load(tmp_path / "ref.npz")["metadata"]))
     assert meta == npz_meta and meta["dim"] == ref.shape[1] and meta["dtype"] == "float32"
     assert temps(tmp_path) == []
+    frame = pytest.importorskip("pandas").read_parquet(tmp_path / "out.parquet")  # pandas, through pyarrow
+    assert list(frame["source"]) == args and np.array_equal(np.stack(frame["embedding"].to_list()), ref)
 
 
 def test_float16_and_format_flag_and_duckdb(tiny_model, tmp_path):

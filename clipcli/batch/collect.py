@@ -192,7 +192,9 @@ def collect_texts(files: Sequence[str], text_field: str | None = None, stdin: Te
 
     out = Collection("text")
     seen_files: set[str] = set()
-    for name in files:
+    from clipcli.tar_input import expand_arg  # formats: --texts 'shards/{0000..0009}.tar'
+
+    for name in (n for arg in files for n in expand_arg(arg)):
         path = name if name == "-" else os.path.normpath(name)
         if path in seen_files:
             continue

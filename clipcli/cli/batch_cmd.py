@@ -199,7 +199,7 @@ def register(app: typer.Typer) -> None:
     def batch(
         ctx: typer.Context,
         output: Annotated[str, typer.Option("--output", "-o", help="Output directory (created if needed; reuse it to resume or update).", metavar="OUTDIR", rich_help_panel=OUT_PANEL, show_default=False)],
-        inputs: Annotated[list[str] | None, typer.Argument(help="Directories (recursive), image files, glob patterns ('photos/**/*.jpg') and http(s) URLs.", show_default=False)] = None,
+        inputs: Annotated[list[str] | None, typer.Argument(help="Directories (recursive), image files, glob patterns ('photos/**/*.jpg'), http(s) URLs and WebDataset .tar shards ('shards/{00000..00099}.tar').", show_default=False)] = None,
         from_file: Annotated[list[str] | None, typer.Option("--from-file", help="Read paths/URLs from LIST, one per line; - for stdin (repeatable).", metavar="LIST", rich_help_panel=IN_PANEL)] = None,
         from_table: FromTableOpt = None,  # formats: table inputs (clipcli/tables.py)
         column: ColumnOpt = None,

@@ -40,7 +40,7 @@ DtypeOpt = Annotated[str | None, typer.Option(help="auto, float32, float16 or bf
 FeatureOpt = Annotated[str | None, typer.Option(help="pooled (tower pooler_output) or projected (joint image-text space). (default: pooled)", rich_help_panel=MODEL_PANEL)]
 NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="L2-normalise the vectors. (default: no)", rich_help_panel=MODEL_PANEL, show_default=False)]
 BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="Inputs per forward pass. (default: 32)", rich_help_panel=MODEL_PANEL)]
-OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output file (format from its extension: .jsonl .json .npy .npz .tsv) or - for stdout. (default: stdout)", rich_help_panel=OUT_PANEL)]
+OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output file (format from its extension: .jsonl .json .npy .npz .tsv .parquet) or - for stdout. (default: stdout)", rich_help_panel=OUT_PANEL)]
 FormatOpt = Annotated[str | None, typer.Option("--format", "-f", help="jsonl, json, npy, npz, tsv or parquet (overrides the extension).", rich_help_panel=OUT_PANEL)]
 OutDtypeOpt = Annotated[str | None, typer.Option(help="float32 or float16 for written vectors. (default: float32)", rich_help_panel=OUT_PANEL)]
 PreprocessOpt = Annotated[str | None, typer.Option(help="Preset: clip (the checkpoint's own) or imagenet (ImageNet mean/std). (default: clip)", rich_help_panel=PRE_PANEL)]

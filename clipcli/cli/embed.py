@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
     @app.command("embed-image")
     def embed_image(
         ctx: typer.Context,
-        inputs: Annotated[list[str], typer.Argument(help="Image files or http(s) URLs; - reads them from stdin, one per line.", show_default=False)],
+        inputs: Annotated[list[str], typer.Argument(help="Image files, http(s) URLs or WebDataset .tar shards ('shards/{00000..00009}.tar'); - reads them from stdin, one per line.", show_default=False)],
         output: OutputOpt = None,
         format: FormatOpt = None,
         out_dtype: OutDtypeOpt = None,
