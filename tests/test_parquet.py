@@ -3,6 +3,7 @@ groups (bounded memory); metadata; the missing-extra message; faults while writi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -149,18 +150,27 @@ def test_file_size_limit_mid_write(tiny_model, tmp_path):
     assert np.array_equal(matrix, ref) and sources == ref_sources and temps(out.parent) == []
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="a full file system needs a tmpfs mount (root); the RLIMIT_FSIZE test covers non-root")
 def test_disk_full_mid_write(tiny_model, tmp_path):
+    """As root a real tmpfs filled to the brim (ENOSPC); otherwise the fallback that needs no
+    mount, a file size limit (EFBIG), so the test never skips."""
     texts = _texts_file(tmp_path)
     mount = tmp_path / "small"
-    with tmpfs(mount, "1m"):
-        ballast = fill(mount, leave=150_000)  # passes the 64 KiB pre-check, too small for the output
+    with contextlib.ExitStack() as stack:
+        if IS_ROOT:
+            stack.enter_context(tmpfs(mount, "1m"))
+            ballast = fill(mount, leave=150_000)  # passes the 64 KiB pre-check, too small for the output
+            limit, reason = None, "no space left on the device"
+        else:
+            mount.mkdir()
+            ballast = None
+            limit, reason = file_size_limit(100_000), "file too large"
         out = mount / "v.parquet"
         args = ["embed-text", "--file", str(texts), "--model", tiny_model, "-o", str(out)]
-        result = run(args)
-        assert_one_error(result, 5, f"cannot write {out}: no space left on the device")
+        result = run(args, preexec_fn=limit)
+        assert_one_error(result, 5, f"cannot write {out}: {reason}")
         assert not out.exists() and temps(mount) == []
-        ballast.unlink()
+        if ballast is not None:
+            ballast.unlink()
         assert invoke(*args).exit_code == 0
         assert invoke("embed-text", "--file", str(texts), "--model", tiny_model, "-o", str(tmp_path / "ref.npy")).exit_code == 0
         assert np.array_equal(_parquet(out)[0], npy_of(tmp_path / "ref.npy")[0]) and temps(mount) == []
@@ -176,7 +186,7 @@ def _paused_before_rename(args: list[str], directory: Path) -> subprocess.Popen:
     """A run paused at the rename of its finished output (atomic.pause_point "before-rename"):
     the temp file is complete once finish() gave it its final mode (0644 from mkstemp's 0600)."""
     proc = subprocess.Popen(clipcli_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env(CLIPCLI_TEST_PAUSE_AT="before-rename"))
+                            env=env(CLIPCLI_TEST_PAUSE_AT="before-rename"), umask=0o022)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         done = [name for name in temps(directory) if os.stat(directory / name).st_mode & 0o044]
