@@ -179,3 +179,36 @@ def test_refs_that_are_not_members(tmp_path):
     real.write_bytes(b"")
     assert split_ref(str(real)) is None  # an existing file named like a member stays a file
     assert split_ref(str(tmp_path / "none.tar:key")) is None  # no such tar
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_batch_over_shards_killed_mid_run_converges(shards, tiny_model, tmp_path, sig):
+    import signal
+
+    from fault_helpers import Paused
+
+    directory, expected = shards
+    args = ["batch", str(directory / "{00000..00001}.tar"), "--model", tiny_model, "--batch-size", "1",
+            "--shard-size", "2"]
+    ref = tmp_path / "ref"
+    assert invoke(*args, "-o", str(ref)).exit_code == 1  # the two bad samples
+    out = tmp_path / "out"
+    paused = Paused(tmp_path, "shard-write@2", *args, "-o", str(out))  # shard 1 committed, shard 2 being written
+    paused.wait_paused()
+    paused.proc.send_signal(getattr(signal, sig))
+    code, _, err = paused.finish()
+    assert "Traceback" not in err
+    if sig == "SIGTERM":
+        assert code == 130 and err.splitlines()[-1] == "error: interrupted (SIGTERM)"
+    else:
+        assert code == -signal.SIGKILL
+    again = invoke(*args, "-o", str(out))
+    assert again.exit_code == 1 and "Traceback" not in again.output
+    import re
+
+    done = int(re.search(r"(\d+) already done", again.stderr).group(1))
+    assert done >= 2, again.stderr  # the committed shard is kept: the rerun resumes, it does not redo
+    assert sorted(p.name for p in out.rglob("*.tmp")) == []
+    m1, s1 = outdir_of(out)
+    m2, s2 = outdir_of(ref)
+    assert s1 == s2 == sorted(expected) and np.array_equal(m1, m2)
