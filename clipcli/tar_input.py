@@ -212,13 +212,14 @@ def image_refs(tar: str, on_bad: Callable[[str, str], None]) -> Iterator[str]:
 
 
 def expand_image_inputs(refs: Iterable[str], on_bad: Callable[[str, str], None]) -> Iterator[str]:
-    """``embed-image`` inputs with brace patterns expanded and each tar replaced by its samples."""
+    """``embed-image`` inputs with each tar replaced by its samples (lazily: a tar is listed
+    when the pipeline reaches it). Brace patterns are expanded before, in arguments only: a
+    line of a list is a name, never a pattern."""
     for ref in refs:
-        for name in expand_arg(ref):
-            if is_tar(name):
-                yield from image_refs(name, on_bad)
-            else:
-                yield name
+        if is_tar(ref):
+            yield from image_refs(ref, on_bad)
+        else:
+            yield ref
 
 
 _hash_lock = threading.Lock()

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from clipcli.cli import app
 from clipcli.tar_input import expand_arg, expand_braces, scan, split_ref
 from formats_helpers import invoke, make_shard, member_offsets, npy_of, outdir_of, sample
 
@@ -212,3 +214,18 @@ def test_batch_over_shards_killed_mid_run_converges(shards, tiny_model, tmp_path
     m1, s1 = outdir_of(out)
     m2, s2 = outdir_of(ref)
     assert s1 == s2 == sorted(expected) and np.array_equal(m1, m2)
+
+
+def test_embed_image_pattern_argument_and_tar_on_stdin(shards, tiny_model, tmp_path):
+    directory, expected = shards
+    tar1 = directory / "00001.tar"
+    from_arg = invoke("embed-image", str(directory / "{00001,00001}.tar"), "--model", tiny_model, "-o", str(tmp_path / "a.npy"))
+    stdin = CliRunner().invoke(app, ["embed-image", "-", "--model", tiny_model, "-o", str(tmp_path / "b.npy")],
+                               input=f"{tar1}\n{directory / '{00001..00001}.tar'}\n", catch_exceptions=False)
+    assert from_arg.exit_code == 0, from_arg.output
+    keys = [k for k in expected if k.startswith(str(tar1))]
+    assert npy_of(tmp_path / "a.npy")[1] == keys * 2  # the pattern {x,x} names the shard twice, as bash would
+    # a list line is a name, not a pattern: the tar is read, the brace line is a missing file
+    assert stdin.exit_code == 1
+    assert npy_of(tmp_path / "b.npy")[1] == keys
+    assert any(line.startswith(f"skipping {directory / '{00001..00001}.tar'}: ") for line in stdin.stderr.splitlines()), stdin.stderr

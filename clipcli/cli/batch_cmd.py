@@ -65,7 +65,7 @@ HELP = """Embed a whole collection into OUTDIR, resumably and incrementally.
 
 Rerunning the same command embeds only what is new or changed, continues after a crash or Ctrl-C, and never mixes settings. OUTDIR ends with embeddings.npy (rows sorted by source), sources.txt, index.jsonl, errors.jsonl and manifest.json.
 
-Scale out: --engine ray embeds on a Ray cluster; --shard I/N embeds part I of N (one OUTDIR per part, e.g. a Slurm array), and 'clipcli batch merge OUTDIR... -o MERGED' combines the parts (see clipcli batch merge --help). 'clipcli batch check OUTDIR [--repair]' verifies (and repairs) an OUTDIR.
+Scale out: --engine ray embeds on a Ray cluster; --shard I/N embeds part I of N (one OUTDIR per part, e.g. a Slurm array), and 'clipcli batch merge OUTDIR... -o MERGED' combines the parts (see clipcli batch merge --help). 'clipcli batch check OUTDIR [--repair]' verifies (and repairs) an OUTDIR. 'clipcli batch export OUTDIR -o out.parquet' writes an OUTDIR as Parquet (or another output format).
 
 Example: clipcli batch ~/photos -o ~/photo-vectors --feature projected --normalize
 """

@@ -168,9 +168,9 @@ def run_embed_images(
         raise UsageError("no inputs given (pass image paths or URLs, or - to read them from stdin)")
     fmt = prepare_output(output, settings)  # usage and storage errors before the slow model load
     target = find_server(settings, "image", server)
-    refs = expand_stdin(inputs, sys.stdin, on_bad=reporter.skip)
-    from clipcli.tar_input import expand_image_inputs  # formats: {a..b} patterns, tar shards
+    from clipcli.tar_input import expand_arg, expand_image_inputs  # formats: {a..b} arguments, tar shards
 
+    refs = expand_stdin([name for arg in inputs for name in expand_arg(arg)], sys.stdin, on_bad=reporter.skip)
     refs = expand_image_inputs(refs, on_bad=reporter.skip)
     client = open_server_client(target, settings, "image", reporter, server)
     if client is not None:
