@@ -23,6 +23,7 @@ import os
 import re
 import tarfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -137,7 +138,11 @@ def _data_after(path: str, offset: int) -> bool:
     return False
 
 
-_cache: dict[str, TarIndex] = {}
+# Indexes of the tars read most recently. Sources are sorted, so the loader reads tar after
+# tar: a few indexes cover the loader threads, and memory stays bounded for any number of shards
+# (an index costs a few hundred bytes per sample).
+CACHED_TARS = 8
+_cache: OrderedDict[str, TarIndex] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -148,6 +153,9 @@ def index_of(path: str) -> TarIndex:
         cached = _cache.get(path)
         if cached is None or (cached.size, cached.mtime_ns) != (st.st_size, st.st_mtime_ns):
             cached = _cache[path] = scan(path)
+        _cache.move_to_end(path)
+        while len(_cache) > CACHED_TARS:
+            _cache.popitem(last=False)
         return cached
 
 

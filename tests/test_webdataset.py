@@ -229,3 +229,13 @@ def test_embed_image_pattern_argument_and_tar_on_stdin(shards, tiny_model, tmp_p
     assert stdin.exit_code == 1
     assert npy_of(tmp_path / "b.npy")[1] == keys
     assert any(line.startswith(f"skipping {directory / '{00001..00001}.tar'}: ") for line in stdin.stderr.splitlines()), stdin.stderr
+
+
+def test_index_cache_is_bounded(tmp_path, images, monkeypatch):
+    import clipcli.tar_input as tar_input
+
+    monkeypatch.setattr(tar_input, "CACHED_TARS", 2)
+    paths = [make_shard(tmp_path / f"{i}.tar", {f"k{i}": sample(images[0], "x")}) for i in range(4)]
+    for path in paths:
+        assert tar_input.read_image_member(f"{path}:k{path.stem}") == images[0].read_bytes()
+    assert list(tar_input._cache) == [str(p) for p in paths[2:]]
