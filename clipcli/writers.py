@@ -1,4 +1,5 @@
 """Output formats: JSON Lines, JSON, .npy (+ sources sidecar), .npz and TSV; stdout or file.
+(Parquet, files only, is written by :mod:`clipcli.parquet_out` through this Writer.)
 
 Files are written atomically: everything goes to a temporary file in the target directory,
 which is fsynced and renamed over the target only by :meth:`Writer.close`; :meth:`Writer.abort`

@@ -82,11 +82,11 @@ def collect_images(inputs: Sequence[str], from_files: Sequence[str] = (), stdin:
     out = Collection("image")
     found: set[str] = set()
     seen_dirs: set[tuple[int, int]] = set()
+    from clipcli.tar_input import expand_arg  # formats: {00000..00099} expanded here, not by a shell
+
     for arg in inputs:
         if arg == "-":
             raise UsageError("use --from-file - to read a list of images from stdin")
-        from clipcli.tar_input import expand_arg  # formats: {00000..00099} expanded here, not by a shell
-
         for name in expand_arg(arg):
             _add(name, found, out, seen_dirs, glob_ok=True)
     stdin_used = False
