@@ -141,7 +141,7 @@ class TableArgs:
     def collect(self, inputs: list[str], from_files: list[str], texts: list[str], text_field: str | None,
                 stdin: Any) -> Any:
         """The batch Collection: the other inputs' plus this table's rows (sorted as batch sorts)."""
-        from clipcli.batch.collect import collect_images, collect_texts
+        from clipcli.batch.collect import TextRecord, collect_images, collect_texts
 
         if self.caption_column:
             if inputs or from_files:
@@ -153,8 +153,6 @@ class TableArgs:
                 if failure is not None:
                     out.failures.append(failure)
                 else:
-                    from clipcli.batch.collect import TextRecord
-
                     out.texts.append(TextRecord(f"{path}:{row}", path, row, text or ""))
             out.texts.sort(key=lambda t: (t.file, t.line))
             return out
