@@ -81,11 +81,15 @@ def escape_markup(text: str | None) -> str | None:
     return escape(text)
 
 
-def tidy(command: Any, *, seen: set[int] | None = None) -> None:
-    """Metavars and literal help text for ``command`` and every command under it."""
+def tidy(command: Any, *, seen: set[int] | None = None) -> Any:
+    """Metavars and literal help text for ``command`` and every command under it; returns it.
+
+    The root group does this when built; a command built apart from the tree (``batch merge``,
+    ``batch check``) is passed through this by whoever builds it.
+    """
     seen = set() if seen is None else seen
     if id(command) in seen:
-        return
+        return command
     seen.add(id(command))
     for attr in ("help", "short_help", "epilog"):
         setattr(command, attr, escape_markup(getattr(command, attr, None)))
@@ -95,6 +99,7 @@ def tidy(command: Any, *, seen: set[int] | None = None) -> None:
     _refuse_flag_values(command)
     for sub in getattr(command, "commands", {}).values():
         tidy(sub, seen=seen)
+    return command
 
 
 def _tidy_param(param: Any) -> None:
