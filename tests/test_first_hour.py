@@ -325,3 +325,31 @@ def test_batch_engine_ray_keeps_rays_logs_off_stderr(tiny_model: str, images: li
     lines = stderr.splitlines()
     assert lines and all(line.startswith("batch: ") for line in lines), stderr
     assert not any(RAY_NATIVE.search(line) or "core_worker" in line or "(pid=" in line for line in lines), stderr
+
+
+# ------------------------------------------------------------------ done earlier: kept true
+
+
+def test_pyproject_metadata_gives_setuptools_no_deprecation_warning() -> None:
+    """The SPDX `license = "MIT"` string: setuptools' own reader, with warnings as errors."""
+    code = ("import sys\nfrom setuptools.dist import Distribution\n"
+            "from setuptools.config.pyprojecttoml import apply_configuration\n"
+            "apply_configuration(Distribution(), sys.argv[1])\n")
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code, str(ROOT / "pyproject.toml")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_make_demo_prints_source_names_with_spaces_whole(tmp_path: Path) -> None:
+    """The demo's listing, exactly as `make demo` runs it, on sources with spaces in their names."""
+    names = ["sample_images/a cat.jpg", "sample_images/two  spaces.png", "sample_images/tab\there.png"]
+    _write("npy", np.arange(len(names) * 4, dtype=np.float32).reshape(len(names), 4), "float32", tmp_path, names)
+    (tmp_path / "v.npy").rename(tmp_path / "images.npy")
+    (tmp_path / "v.sources.txt").rename(tmp_path / "images.sources.txt")
+    plan = subprocess.run(["make", "-n", "demo", f"BIN={Path(sys.executable).parent}", f"DEMO_OUT={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60).stdout
+    listing = re.search(r"^\S*python -c .*?\]\"$", plan, re.M | re.S)
+    assert listing, plan
+    shown = subprocess.run(["bash", "-c", listing.group(0)], capture_output=True, text=True, timeout=120, env=ENV)
+    assert shown.returncode == 0, shown.stderr
+    assert [line.split(": [")[0].strip() for line in shown.stdout.splitlines()[1:]] == [n.strip() for n in names]
