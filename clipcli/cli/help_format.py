@@ -91,11 +91,10 @@ def tidy(command: Any, *, seen: set[int] | None = None) -> Any:
     if id(command) in seen:
         return command
     seen.add(id(command))
-    for attr in ("help", "short_help", "epilog"):
-        setattr(command, attr, escape_markup(getattr(command, attr, None)))
     for param in command.params:
         _tidy_param(param)
     _tidy_help_option(command)
+    _escape_when_shown(command)
     _refuse_flag_values(command)
     for sub in getattr(command, "commands", {}).values():
         tidy(sub, seen=seen)
@@ -106,13 +105,36 @@ def _tidy_param(param: Any) -> None:
     if getattr(param, "_clipcli_tidy", False):
         return
     param._clipcli_tidy = True
-    param.help = escape_markup(param.help)
     if isinstance(param, TyperArgument):
         base = metavar_for(param)
         param.metavar = base + "..." if param.nargs != 1 else base
         param.__class__ = _PlainArgument
     else:
         param.metavar = metavar_for(param)
+
+
+def _escape_when_shown(command: Any) -> None:
+    """Escape the help texts a command's ``--help`` shows, when it is shown: rich.markup costs
+    tens of milliseconds to import, which a one-liner that prints no help must not pay."""
+    original = command.format_help
+
+    def format_help(ctx: Any, formatter: Any) -> Any:
+        for shown in (command, *getattr(command, "commands", {}).values()):
+            _escape_texts(shown)
+        for param in command.get_params(ctx):
+            _escape_texts(param)
+        return original(ctx, formatter)
+
+    command.format_help = format_help
+
+
+def _escape_texts(obj: Any) -> None:
+    if getattr(obj, "_clipcli_escaped", False):
+        return
+    obj._clipcli_escaped = True
+    for attr in ("help", "short_help", "epilog"):
+        if isinstance(getattr(obj, attr, None), str):
+            setattr(obj, attr, escape_markup(getattr(obj, attr)))
 
 
 def _tidy_help_option(command: Any) -> None:
