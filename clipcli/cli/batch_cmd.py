@@ -47,6 +47,7 @@ from clipcli.cli.common import (
     TimeoutOpt,
     VerboseOpt,
     handle_errors,
+    refuse_no_inputs,
     settings_from,
     signals_as_interrupt,
 )
@@ -311,12 +312,8 @@ def run_batch(
     events = CliEvents(reporter, unit=unit, outdir=output)
     for message in collection.warnings:
         reporter.warn(message)
-    from pathlib import Path  # first-hour #17: an empty input list and a new OUTDIR
-
-    from clipcli.batch.layout import MANIFEST
-    if not len(collection) and not collection.failures and not (Path(output) / MANIFEST).exists():
-        given = ", ".join("stdin" if name == "-" else name for name in [*texts, *from_files, *inputs])
-        raise UsageError(f"no inputs to embed ({given} gave none); nothing written")  # exit 2, no model load
+    if not len(collection) and not collection.failures:  # first-hour #17: exit 2 before any model load
+        refuse_no_inputs(output, [*texts, *from_files, *inputs])
     options = BatchOptions(
         hash=hash_files, keep_deleted=keep_deleted, allow_deletions=allow_deletions, shard_size=shard_size, batch_size=settings.batch_size,
         workers=settings.workers, wait=wait, out_dtype=settings.out_dtype, shard=shard,
