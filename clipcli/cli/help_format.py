@@ -87,6 +87,9 @@ def tidy(command: Any, *, seen: set[int] | None = None) -> Any:
     The root group does this when built; a command built apart from the tree (``batch merge``,
     ``batch check``) is passed through this by whoever builds it.
     """
+    # Typer makes the click objects itself; adjusting them here (metavar, and instance-level
+    # wrappers of format_help / parse_args / get_help_option) leaves every command module's
+    # declarations as they are. Arguments get a subclass: Typer ignores their metavar's type.
     seen = set() if seen is None else seen
     if id(command) in seen:
         return command
