@@ -156,6 +156,17 @@ def test_progress_bar_on_a_terminal_and_silence_otherwise(tiny_model: str, image
     assert "embedding" in shown and f"{len(images)}/{len(images)}" in shown, shown
     assert "Traceback" not in shown
 
+    # Vectors printed on the same terminal are their own progress: no bar drawn through them.
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=ENV)
+        os.close(slave)
+        screen = read_pty(master, proc).decode(errors="replace")
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, screen
+    assert "━" not in screen and screen.count('{"source": ') == len(images)
+
     quiet = subprocess.run([*args, "-o", str(tmp_path / "file.npy")], capture_output=True, env=ENV, timeout=180)
     assert quiet.returncode == 0 and quiet.stderr == b""  # not a terminal: no progress at all
     np.testing.assert_array_equal(np.load(tmp_path / "tty.npy"), np.load(tmp_path / "file.npy"))

@@ -97,7 +97,8 @@ def progress_bar(reporter: Reporter, total: int | None = None) -> Iterator[Calla
     columns: list[Any] = [TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     if total:
         columns.append(TimeRemainingColumn())
-    bar = Progress(*columns, console=Console(stderr=True), transient=True)
+    # stdout is the data: never routed through rich (only stderr lines go above the bar).
+    bar = Progress(*columns, console=Console(stderr=True), transient=True, redirect_stdout=False)
     task = bar.add_task("embedding", total=total or None)
     bar.start()
     try:
@@ -113,7 +114,9 @@ def write_results(
 
     ``total``: the number of inputs when known (for the progress bar on a terminal).
     """
-    with progress_bar(reporter, total) as advance:
+    # Vectors printed on the terminal are their own progress; a bar would be drawn through them.
+    on_screen = getattr(writer, "target", None) == "-" and _is_terminal(sys.stdout)
+    with progress_bar(Reporter(quiet=True) if on_screen else reporter, total) as advance:
         return _write_results(batches, writer, reporter, fail_fast=fail_fast, advance=advance)
 
 
