@@ -47,6 +47,7 @@ from clipcli.cli.common import (
     TimeoutOpt,
     VerboseOpt,
     handle_errors,
+    refuse_no_inputs,
     settings_from,
     signals_as_interrupt,
 )
@@ -322,6 +323,8 @@ def run_batch(
     events = CliEvents(reporter, unit=unit, outdir=output)
     for message in collection.warnings:
         reporter.warn(message)
+    if not len(collection) and not collection.failures:  # first-hour #17: exit 2 before any model load
+        refuse_no_inputs(output, [*texts, *from_files, *inputs])
     options = BatchOptions(
         hash=hash_files, keep_deleted=keep_deleted, allow_deletions=allow_deletions, shard_size=shard_size, batch_size=settings.batch_size,
         workers=settings.workers, wait=wait, out_dtype=settings.out_dtype, shard=shard,

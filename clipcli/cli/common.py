@@ -83,6 +83,19 @@ def settings_from(ctx: typer.Context, **overrides: Any) -> Any:
     return resolve_settings(flags).settings
 
 
+def refuse_no_inputs(outdir: str, given: list[str]) -> None:
+    """``batch`` found nothing to embed: into a new OUTDIR that is "no inputs" (UsageError, exit
+    2, before any model load); an existing OUTDIR is left to the mass-deletion guard."""
+    from pathlib import Path
+
+    from clipcli.batch.layout import MANIFEST
+    from clipcli.errors import UsageError
+
+    if not (Path(outdir) / MANIFEST).exists():
+        names = ", ".join("stdin" if name == "-" else name for name in given)
+        raise UsageError(f"no inputs to embed ({names} gave none); nothing written")
+
+
 class Reporter:
     """Messages on stderr: skips, warnings, the summary. stdout carries data only."""
 
