@@ -143,10 +143,10 @@ def test_siglip_batch_images_and_texts(siglip_model, tmp_path):
     out_t = tmp_path / "texts"
     result = batch_cli("--texts", str(captions), "-o", str(out_t), "-m", siglip_model, "-b", "3")
     assert result.exit_code == 0, result.stderr
-    vectors, sources, _ = result_of(out_t)
+    vectors, sources, index_lines = result_of(out_t)
     by_text = dict(zip(TEXTS, siglip_text_reference(siglip_model, "full", TEXTS)))
     assert len(sources) == len(TEXTS)
-    index = [json.loads(line) for line in (out_t / "index.jsonl").read_text().splitlines()]
+    index = [json.loads(line) for line in index_lines]  # batch layout 3: the index is index.sqlite
     assert len(index) == len(TEXTS)
     texts_in_order = [TEXTS[int(s.rsplit(":", 1)[1]) - 1] for s in sources]
     np.testing.assert_allclose(vectors, np.stack([by_text[t] for t in texts_in_order]), atol=TOL, rtol=0)
