@@ -112,5 +112,8 @@ def run_index(path: str, *, rebuild: bool, nlist: int | None, reporter: Reporter
 
     built = ann.update(path, nlist=nlist, rebuild=rebuild)
     what = "built" if built.rebuilt else f"updated (+{built.added} -{built.removed})"
+    cal = built.calibration or {}
+    tail = (f"; nprobe {built.nprobe} (recall@{cal['k']} {cal['recall']} on {cal['queries']} held-out sample queries,"
+            f" target {cal['target']})" if cal.get("queries") else "")
     if not reporter.quiet:
-        reporter._line(f"index: {what} {built.path}: {built.rows} rows")  # noqa: SLF001
+        reporter._line(f"index: {what} {built.path}: {built.rows} rows{tail}")  # noqa: SLF001

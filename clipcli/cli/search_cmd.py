@@ -29,7 +29,7 @@ TopOpt = Annotated[int, typer.Option("--top", "-k", help="How many results (0: a
 ThresholdOpt = Annotated[float | None, typer.Option(help="Only results with cosine ≥ this.")]
 OutFormatOpt = Annotated[str, typer.Option("--format", "-f", help="tsv (score<TAB>source) or jsonl.")]
 IndexOpt = Annotated[bool | None, typer.Option("--index/--no-index", help="Use the faiss index beside the vectors (default: when present and current).", show_default=False)]
-NprobeOpt = Annotated[int, typer.Option(help="Index lists visited per query (more: better recall, slower).")]
+NprobeOpt = Annotated[int | None, typer.Option(help="Index lists visited per query (more: better recall, slower). (default: the one `clipcli index` calibrated)", show_default=False)]
 ModelFlag = Annotated[str | None, typer.Option("--model", "-m", help="Only for an .npy without metadata: the model that made it (otherwise read from the vectors).")]
 FeatureFlag = Annotated[str | None, typer.Option(help="Only for an .npy without metadata: pooled or projected.")]
 ServerFlag = Annotated[bool | None, typer.Option("--server/--no-server", help="Embed queries through a running `clipcli serve` with the vectors' settings: --server requires one. (default: use one when it runs)", show_default=False)]
@@ -62,7 +62,7 @@ def check_format(fmt: str, top: int = 0) -> str:
 
 
 def ranked(vectors: Any, query: Any, k: int | None, *, threshold: float | None, use_index: bool | None,
-           nprobe: int, reporter: Reporter, exclude: int | None = None) -> list[Any]:
+           nprobe: int | None, reporter: Reporter, exclude: int | None = None) -> list[Any]:
     """Top-k by the index when one is present and current (saying so), else exact brute force."""
     from clipcli.vectors import index as ann
     from clipcli.vectors.scoring import top_k
@@ -86,7 +86,7 @@ def ranked(vectors: Any, query: Any, k: int | None, *, threshold: float | None, 
                     raise
                 note(reporter, f"search: not using the index: {exc}; exact search over {len(vectors)} rows")
             else:
-                note(reporter, f"search: used the faiss index {ann.index_paths(vectors)[0]} (nprobe {nprobe}; scores exact)")
+                note(reporter, f"search: used the faiss index {ann.index_paths(vectors)[0]} ({probe_note(meta, nprobe)}; scores exact)")
                 return hits
             return top_k(vectors.matrix, query, k, threshold=threshold, normalized=vectors.normalized, exclude=exclude)
         if use_index:
@@ -94,6 +94,19 @@ def ranked(vectors: Any, query: Any, k: int | None, *, threshold: float | None, 
         note(reporter, f"search: not using the index ({stale}); exact search over {len(vectors)} rows"
              + (f" (refresh it: clipcli index {vectors.path})" if "changed" in stale else ""))
     return top_k(vectors.matrix, query, k, threshold=threshold, normalized=vectors.normalized, exclude=exclude)
+
+
+def probe_note(meta: dict[str, Any], nprobe: int | None) -> str:
+    """What nprobe a search used and why (given, or calibrated with its measured recall)."""
+    from clipcli.vectors import index as ann
+
+    if nprobe:
+        return f"nprobe {nprobe}, from --nprobe"
+    cal = meta.get("calibration") or {}
+    if "recall" in cal:
+        return (f"nprobe {ann.probes(meta)} of {meta.get('nlist')} lists, calibrated at build: recall@{cal.get('k')} "
+                f"{cal['recall']} on {cal.get('queries')} sample queries")
+    return f"nprobe {ann.probes(meta)}"
 
 
 def register(app: typer.Typer) -> None:
@@ -112,7 +125,7 @@ def register(app: typer.Typer) -> None:
         threshold: ThresholdOpt = None,
         out_format: OutFormatOpt = "tsv",
         use_index: IndexOpt = None,
-        nprobe: NprobeOpt = 32,
+        nprobe: NprobeOpt = None,
         model: ModelFlag = None,
         feature: FeatureFlag = None,
         device: DeviceOpt = None,
@@ -151,7 +164,7 @@ def register(app: typer.Typer) -> None:
         threshold: ThresholdOpt = None,
         out_format: OutFormatOpt = "tsv",
         use_index: IndexOpt = None,
-        nprobe: NprobeOpt = 32,
+        nprobe: NprobeOpt = None,
         verbose: VerboseOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
@@ -197,7 +210,7 @@ def find_row(vectors: Any, source: str) -> int:
 
 
 def run_search(vectors_path: str, terms: list[Any], base: Any, reporter: Reporter, *, k: int | None,
-               threshold: float | None, fmt: str, use_index: bool | None, nprobe: int, model: str | None,
+               threshold: float | None, fmt: str, use_index: bool | None, nprobe: int | None, model: str | None,
                feature: str | None, server: bool | None) -> None:
     """Open, embed the query terms, rank, write."""
     from clipcli.vectors.queries import embed_queries
