@@ -121,6 +121,9 @@ def register(app: typer.Typer) -> None:
         vector: Annotated[list[str] | None, typer.Option("--vector", help="A vector file (.npy/.npz/OUTDIR; several rows: their mean) to look for (repeatable).")] = None,
         negative: Annotated[list[str] | None, typer.Option("--negative", "-n", help="A text to look away from (repeatable).")] = None,
         negative_image: Annotated[list[str] | None, typer.Option("--negative-image", help="An image to look away from (repeatable).")] = None,
+        weighted_text: Annotated[list[str] | None, typer.Option("--weighted", metavar="W:TEXT", help="A text with weight W (negative: look away), e.g. --weighted '2:a red car' (repeatable).")] = None,
+        weighted_image: Annotated[list[str] | None, typer.Option("--weighted-image", metavar="W:PATH", help="An image file or URL with weight W, e.g. --weighted-image 0.5:query.jpg (repeatable).")] = None,
+        weighted_vector: Annotated[list[str] | None, typer.Option("--weighted-vector", metavar="W:FILE", help="A vector file with weight W (repeatable).")] = None,
         top: TopOpt = 10,
         threshold: ThresholdOpt = None,
         out_format: OutFormatOpt = "tsv",
@@ -138,11 +141,12 @@ def register(app: typer.Typer) -> None:
         """Rank the vectors by cosine to a query: score<TAB>source lines, best first.
 
         Queries are embedded with the model and settings that made VECTORS. Several queries
-        add up (unit vectors summed, then normalised); --negative ones are subtracted.
+        add up (unit vectors summed, then normalised); --negative ones are subtracted;
+        --weighted W:TEXT (and -image, -vector) scale a term by W.
 
         Example: clipcli search vectors/ "a red car" -k 5 | cut -f2
         """
-        from clipcli.vectors.queries import Query
+        from clipcli.vectors.queries import Query, weighted_term
 
         reporter = Reporter(quiet=quiet, verbose=verbose)
         with handle_errors(reporter):
@@ -150,8 +154,11 @@ def register(app: typer.Typer) -> None:
             terms = [Query("text", q) for q in queries or []] + [Query("image", q) for q in image or []]
             terms += [Query("vector", q) for q in vector or []]
             terms += [Query("text", q, True) for q in negative or []] + [Query("image", q, True) for q in negative_image or []]
-            if not any(not t.negative for t in terms):
-                raise UsageError("no query given (pass a text, --image PATH or --vector FILE)")
+            terms += [weighted_term("text", q) for q in weighted_text or []]
+            terms += [weighted_term("image", q) for q in weighted_image or []]
+            terms += [weighted_term("vector", q) for q in weighted_vector or []]
+            if not any(t.signed_weight > 0 for t in terms):
+                raise UsageError("no query given (pass a text, --image PATH or --vector FILE, or a positive --weighted term)")
             run_search(vectors, terms, settings_from(ctx, model=None, feature=None), reporter, k=top or None,
                        threshold=threshold, fmt=fmt, use_index=use_index, nprobe=nprobe, model=model,
                        feature=feature, server=server)
@@ -214,7 +221,7 @@ def run_search(vectors_path: str, terms: list[Any], base: Any, reporter: Reporte
                feature: str | None, server: bool | None) -> None:
     """Open, embed the query terms, rank, write."""
     from clipcli.vectors.queries import embed_queries
-    from clipcli.vectors.scoring import combine
+    from clipcli.vectors.scoring import weighted
     from clipcli.vectors.store import open_vectors
 
     if k is None and threshold is None:
@@ -222,11 +229,12 @@ def run_search(vectors_path: str, terms: list[Any], base: Any, reporter: Reporte
     vs = open_vectors(vectors_path)
     embedded = embed_queries(vs, terms, base, model=model, feature=feature, server=server, info=reporter.info)
     reporter.info(f"queries embedded {embedded.via}")
-    pos = [v for v, t in zip(embedded.vectors, terms) if not t.negative]
-    neg = [v for v, t in zip(embedded.vectors, terms) if t.negative]
     for vec in embedded.vectors:
         if vec.shape[-1] != vs.dim:
             raise UsageError(f"the query has {vec.shape[-1]} dimensions, {vs.path} has {vs.dim}")
-    query = combine(pos, neg)
+    try:
+        query = weighted(embedded.vectors, [t.signed_weight for t in terms])
+    except ValueError as exc:
+        raise UsageError(f"{exc}: nothing to rank by (change the weights or the terms)") from None
     hits = ranked(vs, query, k, threshold=threshold, use_index=use_index, nprobe=nprobe, reporter=reporter)
     write_hits(vs, hits, fmt)

@@ -128,16 +128,17 @@ def _remove_temporaries(path: Path, meta_path: Path) -> None:
         remove_stale_temps(target)
 
 
-def build(vectors: VectorSet, *, nlist: int | None = None, rebuild: bool = False) -> Built:
+def build(vectors: VectorSet, *, nlist: int | None = None, rebuild: bool = False, recall: float | None = None) -> Built:
     """Create the index, or bring an existing one up to date with the rows (incrementally)."""
     faiss = faiss_module()
     with _exclusive(vectors):
         path, meta_path = index_paths(vectors)
         _remove_temporaries(path, meta_path)
-        return _build(faiss, vectors, path, meta_path, nlist, rebuild)
+        return _build(faiss, vectors, path, meta_path, nlist, rebuild, recall)
 
 
-def _build(faiss: Any, vectors: VectorSet, path: Path, meta_path: Path, nlist: int | None, rebuild: bool) -> Built:
+def _build(faiss: Any, vectors: VectorSet, path: Path, meta_path: Path, nlist: int | None, rebuild: bool,
+           recall: float | None) -> Built:
     meta = read_meta(vectors)
     ids = row_ids(vectors)
     if len(np.unique(ids)) != len(ids):
@@ -174,10 +175,11 @@ def _build(faiss: Any, vectors: VectorSet, path: Path, meta_path: Path, nlist: i
     order = np.argsort(ids[rows], kind="stable")
     table = np.stack([ids[rows][order], rows[order]])  # sorted ids and their current rows
     fresh = rebuilt or not isinstance(calibration, dict) or "nprobe" not in calibration
+    fresh = fresh or (recall is not None and calibration.get("target") != recall)
     if fresh:
-        # Only a (re)trained index is calibrated: an incremental refresh adds rows from the
-        # same collection to the same lists, and must stay cheap (batch runs it after each run).
-        calibration = calibrate(faiss, index, vectors, table)
+        # Only a (re)trained index (or a new --recall) is calibrated: an incremental refresh adds
+        # rows from the same collection to the same lists, and must stay cheap (batch runs it).
+        calibration = calibrate(faiss, index, vectors, table, **({} if recall is None else {"target": recall}))
     assert isinstance(calibration, dict)
     _save(faiss, index, path, meta_path, table, vectors, calibration)
     return Built(path, int(keep.sum()), len(todo), removed, rebuilt, int(calibration["nprobe"]),
@@ -338,7 +340,11 @@ def _load(faiss: Any, vectors: VectorSet, keep: bool) -> tuple[Any, np.ndarray, 
         cached = _LOADED.get(str(path))
         if cached is not None and cached[0] == key:
             return cached[1], cached[2], cached[3]
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        # One search maps the file (no copy: its few probed lists are read); a kept index is
+        # read into memory, as scanning mapped lists costs page faults on every query
+        # (measured 7.7 against 4.9 ms for 32 of 1,000 lists, 1M x 512).
+        flags = 0 if keep else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+        index = faiss.read_index(str(path), flags)
         table = np.load(_ids_path(path), mmap_mode="r", allow_pickle=False)  # a lookup touches few pages
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (RuntimeError, OSError, ValueError) as exc:
@@ -350,7 +356,8 @@ def _load(faiss: Any, vectors: VectorSet, keep: bool) -> tuple[Any, np.ndarray, 
     return index, table, meta
 
 
-def update(path: str | Path, *, nlist: int | None = None, rebuild: bool = False, only_if_stale: bool = False) -> Built | None:
+def update(path: str | Path, *, nlist: int | None = None, rebuild: bool = False, only_if_stale: bool = False,
+           recall: float | None = None) -> Built | None:
     """Build or refresh the index of ``path`` under the OUTDIR's lock (so no batch run changes
     the rows meanwhile). ``only_if_stale`` (what ``batch`` asks after a run): None where there is
     no index, or it is current."""
@@ -370,4 +377,4 @@ def update(path: str | Path, *, nlist: int | None = None, rebuild: bool = False,
             meta = read_meta(vectors)
             if meta is None or stale_reason(vectors, meta) is None:
                 return None
-        return build(vectors, nlist=nlist, rebuild=rebuild)
+        return build(vectors, nlist=nlist, rebuild=rebuild, recall=recall)
