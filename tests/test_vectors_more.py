@@ -262,6 +262,6 @@ def test_nprobe_is_calibrated_at_build_by_measured_recall(tmp_path: Path) -> Non
     again = json.loads((tmp_path / "v.npz.faiss.json").read_text())
     assert again["calibration"]["target"] == 0.5 and again["nprobe"] <= nprobe
     refreshed = run("index", str(npz))
-    assert "nprobe" not in refreshed.stderr
+    assert refreshed.exit_code == 0 and "; nprobe" not in refreshed.stderr, refreshed.stderr
     assert json.loads((tmp_path / "v.npz.faiss.json").read_text())["calibration"] == again["calibration"]
     _one_line_error(run("index", str(npz), "--recall", "1.5"), "--recall 1.5")

@@ -103,7 +103,7 @@ def probe_note(meta: dict[str, Any], nprobe: int | None) -> str:
     if nprobe:
         return f"nprobe {nprobe}, from --nprobe"
     cal = meta.get("calibration") or {}
-    if "recall" in cal:
+    if cal.get("queries"):
         return (f"nprobe {ann.probes(meta)} of {meta.get('nlist')} lists, calibrated at build: recall@{cal.get('k')} "
                 f"{cal['recall']} on {cal.get('queries')} sample queries")
     return f"nprobe {ann.probes(meta)}"

@@ -197,6 +197,9 @@ def _train(faiss: Any, vectors: VectorSet, nlist: int | None) -> Any:
     quantizer = faiss.IndexFlatIP(vectors.dim)
     index = faiss.IndexIVFScalarQuantizer(quantizer, vectors.dim, nlist, faiss.ScalarQuantizer.QT_8bit,
                                           faiss.METRIC_INNER_PRODUCT)
+    # Few rows for the lists asked: train anyway, without faiss's warning on stderr (stdout and
+    # stderr are the user's; the index is still exact after re-scoring, only slower to search).
+    index.cp.min_points_per_centroid = min(index.cp.min_points_per_centroid, max(1, len(train) // nlist))
     index.train(train)
     return index
 
