@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--dedup-rows", type=int, default=100_000)
-    p.add_argument("--queries", type=int, default=10)
+    p.add_argument("--queries", type=int, default=30, help="queries per search row (recall@10 is averaged over them)")
     p.add_argument("--nprobe", type=int, default=None, help="default: the nprobe `clipcli index` calibrated")
     p.add_argument("--tmp", default=tempfile.gettempdir())
     p.add_argument("--out", default=str(HERE / "results" / "vectors.json"))

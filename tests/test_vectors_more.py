@@ -265,3 +265,37 @@ def test_nprobe_is_calibrated_at_build_by_measured_recall(tmp_path: Path) -> Non
     assert refreshed.exit_code == 0 and "; nprobe" not in refreshed.stderr, refreshed.stderr
     assert json.loads((tmp_path / "v.npz.faiss.json").read_text())["calibration"] == again["calibration"]
     _one_line_error(run("index", str(npz), "--recall", "1.5"), "--recall 1.5")
+
+
+# -- dedup's memory
+
+def test_dedup_memory_is_bounded_not_quadratic(tmp_path: Path) -> None:
+    """40,000 rows: a full similarity matrix would be 6.4 GB of float32; the blocked groups
+    must stay within a few tiles (peak RSS measured in a fresh process), and equal the pairs a
+    numpy check finds among the planted copies."""
+    import subprocess
+    import sys
+
+    n = 40000
+    rng = np.random.default_rng(11)
+    matrix = unit(rng.standard_normal((n, 8))).astype(np.float32)
+    picked = rng.choice(n, 60, replace=False)
+    copies, originals = picked[:30], picked[30:]
+    matrix[copies] = matrix[originals]
+    np.save(tmp_path / "m.npy", matrix)
+    code = (
+        "import json, sys, numpy as np\n"
+        "from clipcli.vectors.scoring import duplicate_groups\n"
+        "def hwm(key):\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key + ':')) / 1024\n"
+        f"m = np.load({str(tmp_path / 'm.npy')!r}, mmap_mode='r')\n"
+        "base = hwm('VmRSS')\n"
+        "groups = duplicate_groups(m, 0.99999)\n"
+        "print(json.dumps({'peak': hwm('VmHWM') - base, 'groups': groups}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["peak"] < 400, got["peak"]  # MiB; O(N²) would be 6,100 MiB
+    pairs = sorted(sorted((int(a), int(b))) for a, b in zip(copies, originals))
+    assert sorted(got["groups"]) == pairs  # random 8-d unit rows are never within 0.99999 by chance

@@ -24,14 +24,14 @@ from clipcli.cli.common import (
 )
 from clipcli.errors import UsageError
 
-VectorsArg = Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt) or .npz output.", show_default=False)]
+VectorsArg = Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt), .npz, .json, .jsonl or .tsv output.", show_default=False)]
 TopOpt = Annotated[int, typer.Option("--top", "-k", help="How many results (0: all, with --threshold).")]
 ThresholdOpt = Annotated[float | None, typer.Option(help="Only results with cosine ≥ this.")]
 OutFormatOpt = Annotated[str, typer.Option("--format", "-f", help="tsv (score<TAB>source) or jsonl.")]
 IndexOpt = Annotated[bool | None, typer.Option("--index/--no-index", help="Use the faiss index beside the vectors (default: when present and current).", show_default=False)]
 NprobeOpt = Annotated[int | None, typer.Option(help="Index lists visited per query (more: better recall, slower). (default: the one `clipcli index` calibrated)", show_default=False)]
-ModelFlag = Annotated[str | None, typer.Option("--model", "-m", help="Only for an .npy without metadata: the model that made it (otherwise read from the vectors).")]
-FeatureFlag = Annotated[str | None, typer.Option(help="Only for an .npy without metadata: pooled or projected.")]
+ModelFlag = Annotated[str | None, typer.Option("--model", "-m", help="Only for an .npy/.jsonl/.tsv output (they record no settings): the model that made it (otherwise read from the vectors).")]
+FeatureFlag = Annotated[str | None, typer.Option(help="Only for an .npy/.jsonl/.tsv output: pooled or projected.")]
 ServerFlag = Annotated[bool | None, typer.Option("--server/--no-server", help="Embed queries through a running `clipcli serve` with the vectors' settings: --server requires one. (default: use one when it runs)", show_default=False)]
 
 
@@ -66,6 +66,9 @@ def ranked(vectors: Any, query: Any, k: int | None, *, threshold: float | None, 
     """Top-k by the index when one is present and current (saying so), else exact brute force."""
     from clipcli.vectors import index as ann
     from clipcli.vectors.scoring import top_k
+
+    if nprobe is not None and nprobe < 1:
+        raise UsageError(f"--nprobe {nprobe}: expected a number of lists (1 or more)")
 
     meta = ann.read_meta(vectors) if use_index is not False else None
     if use_index and meta is None:
