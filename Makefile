@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,ray,siglip,faiss]"
+	$(BIN)/python -m pip install --quiet -e ".[test,ray,siglip,faiss,parquet]"
 	touch $@
 
 demo: install

@@ -97,6 +97,12 @@ class ImageLoader:
         """The bytes of a file or http(s) URL; ``image`` checks a URL's answer is an image."""
         if is_url(ref):
             return self.fetcher.fetch_image_bytes(ref) if image else self.fetcher.fetch(ref)
+        if ".tar:" in ref.lower():  # formats: a WebDataset sample TAR:KEY, read in place
+            from clipcli.tar_input import read_image_member
+
+            member = read_image_member(ref)
+            if member is not None:
+                return member
         check_url_scheme(ref)
         from clipcli.images import read_file_bytes
 

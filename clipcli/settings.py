@@ -30,7 +30,7 @@ ENV_PREFIX = "CLIPCLI_"
 CONFIG_ENV = "CLIPCLI_CONFIG"
 
 RESAMPLE_NAMES = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
-FORMATS = ("auto", "jsonl", "json", "npy", "npz", "tsv")
+FORMATS = ("auto", "jsonl", "json", "npy", "npz", "tsv", "parquet")
 
 
 # --- value parsers: each takes a raw value (string from env/CLI, or a TOML value) -----------

@@ -1,4 +1,5 @@
 """Output formats: JSON Lines, JSON, .npy (+ sources sidecar), .npz and TSV; stdout or file.
+(Parquet, files only, is written by :mod:`clipcli.parquet_out` through this Writer.)
 
 Files are written atomically: everything goes to a temporary file in the target directory,
 which is fsynced and renamed over the target only by :meth:`Writer.close`; :meth:`Writer.abort`
@@ -27,12 +28,13 @@ from clipcli.errors import StorageError, UsageError, storage_error
 from clipcli.sources import utf8_safe
 
 __all__ = [
-    "AtomicFile", "Writer", "escape_line", "infer_format", "output_files", "prepare_output", "read_sources",
+    "AtomicFile", "Writer", "escape_line", "float_texts", "infer_format", "output_files", "prepare_output", "read_sources",
     "sources_sidecar", "unescape_line",
 ]
 
-FORMATS = ("jsonl", "json", "npy", "npz", "tsv")
-EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".npy": "npy", ".npz": "npz", ".tsv": "tsv"}
+FORMATS = ("jsonl", "json", "npy", "npz", "tsv", "parquet")
+EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".npy": "npy", ".npz": "npz", ".tsv": "tsv",
+              ".parquet": "parquet"}
 SOURCES_SUFFIX = ".sources.txt"
 
 
@@ -57,6 +59,30 @@ def sources_sidecar(npy_path: str | Path) -> Path:
     """``out.npy`` -> ``out.sources.txt``: one source per line, row i of the array on line i."""
     path = Path(npy_path)
     return path.with_name(path.stem + SOURCES_SUFFIX) if path.suffix.lower() == ".npy" else path.with_name(path.name + SOURCES_SUFFIX)
+
+
+# json.dumps spells the non-finite floats so (Python's json reads them back); numpy says nan/inf.
+_JSON_NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def float_texts(matrix: np.ndarray, *, json_names: bool = False) -> Iterator[list[str]]:
+    """Each row of ``matrix`` as the shortest decimal texts that read back to the same float32
+    (or float16) values: numpy's ``str`` of its own scalar type (Dragon4, shortest round-trip),
+    about half the digits of the float64 repr of the same value, at the same speed.
+
+    ``json_names``: NaN / Infinity spelled as :func:`json.dumps` does.
+    """
+    finite = bool(np.isfinite(matrix).all())
+    for row in matrix:
+        texts = list(map(str, row))
+        if json_names and not finite:
+            texts = [_JSON_NONFINITE.get(text, text) for text in texts]
+        yield texts
+
+
+def _json_item(source: str, numbers: list[str]) -> str:
+    """``{"source": ..., "embedding": [...]}`` as json.dumps spaces it, numbers already written."""
+    return '{"source": ' + json.dumps(source, ensure_ascii=False) + ', "embedding": [' + ", ".join(numbers) + "]}"
 
 
 def escape_line(text: str) -> str:
@@ -100,6 +126,10 @@ def prepare_output(target: str, fmt: str) -> None:
     Raises UsageError (exit 2) for a missing directory, StorageError (exit 5) for a read-only,
     full or forbidden one, so a cron job on a full disk fails in a second, not after the model ran.
     """
+    if fmt == "parquet":  # formats: Parquet (clipcli.parquet_out) needs a file and pyarrow
+        from clipcli.parquet_out import check_target
+
+        check_target(target)
     for path in output_files(target, fmt):
         remove_stale_temps(path)
         check_writable(path)
@@ -126,6 +156,7 @@ class Writer:
         self._sources: list[str] = []
         self._closed = False
         self._stream: IO[str] | None = None
+        self._parquet: Any = None  # formats: a clipcli.parquet_out.ParquetStream
         with self._guard():
             self._text_open()
 
@@ -143,6 +174,10 @@ class Writer:
             if isinstance(exc, BrokenPipeError) and self.target == "-":
                 raise  # the reader went away (`| head`): the CLI ends quietly
             raise storage_error(where or self._name, exc) from None
+        except KeyboardInterrupt:
+            # formats: Ctrl-C/SIGTERM/SIGHUP while close() renames: no temp file may stay behind.
+            self.abort()
+            raise
         except UnicodeEncodeError as exc:
             # stdout in a locale that cannot encode a source (LANG=...ISO-8859-1): named, not a traceback.
             self.abort()
@@ -151,7 +186,14 @@ class Writer:
     # -- setup
     def _text_open(self) -> None:
         to_stdout = self.target == "-"
-        if self.format in ("jsonl", "tsv", "json"):
+        if self.format == "parquet":  # formats: row groups streamed into the atomic file
+            from clipcli.parquet_out import ParquetStream, check_target
+
+            check_target(self.target)
+            file = open_output(self.target, "wb")
+            self._files.append(file)
+            self._parquet = ParquetStream(file.handle, self.metadata, self.dtype)
+        elif self.format in ("jsonl", "tsv", "json"):
             if to_stdout:
                 self._stream = sys.stdout
             else:
@@ -187,22 +229,20 @@ class Writer:
         sources = [utf8_safe(item.source) for item in items]
         if self.format == "jsonl":
             assert self._stream is not None
-            lines = [
-                json.dumps({"source": s, "embedding": v}, ensure_ascii=False) for s, v in zip(sources, matrix.tolist())
-            ]
+            lines = [_json_item(s, v) for s, v in zip(sources, float_texts(matrix, json_names=True))]
             self._stream.write("\n".join(lines) + "\n")
             self._stream.flush()
         elif self.format == "tsv":
             assert self._stream is not None
-            rows = ["\t".join([escape_line(s), *map(repr, v)]) for s, v in zip(sources, matrix.tolist())]
+            rows = ["\t".join([escape_line(s), *v]) for s, v in zip(sources, float_texts(matrix))]
             self._stream.write("\n".join(rows) + "\n")
             self._stream.flush()
         elif self.format == "json":
             assert self._stream is not None
-            parts = [
-                json.dumps({"source": s, "embedding": v}, ensure_ascii=False) for s, v in zip(sources, matrix.tolist())
-            ]
+            parts = [_json_item(s, v) for s, v in zip(sources, float_texts(matrix, json_names=True))]
             self._stream.write(("," if self.count else "") + ",".join(parts))
+        elif self._parquet is not None:  # formats
+            self._parquet.write(sources, matrix)
         else:
             assert self._rows is not None
             self._rows.write(np.ascontiguousarray(matrix, dtype=self.dtype.newbyteorder("<")).tobytes())
@@ -221,6 +261,8 @@ class Writer:
                 self._stream.flush()
             elif self.format in ("npy", "npz"):
                 self._finish_binary()
+            elif self._parquet is not None:  # formats
+                self._parquet.close(self.dim)
             for file in self._files:
                 file.finish()
             # Renames need no space: once every file is complete and durable, the .npy and its

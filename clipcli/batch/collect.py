@@ -76,15 +76,19 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def collect_images(inputs: Sequence[str], from_files: Sequence[str] = (), stdin: TextIO | None = None) -> Collection:
-    """Expand image inputs into a sorted list of unique sources."""
+def collect_images(inputs: Sequence[str], from_files: Sequence[str] = (), stdin: TextIO | None = None,
+                   listed: Iterable[str] = ()) -> Collection:
+    """Expand image inputs into a sorted list of unique sources (``listed``: list-file lines)."""
     out = Collection("image")
     found: set[str] = set()
     seen_dirs: set[tuple[int, int]] = set()
+    from clipcli.tar_input import expand_arg  # formats: {00000..00099} expanded here, not by a shell
+
     for arg in inputs:
         if arg == "-":
             raise UsageError("use --from-file - to read a list of images from stdin")
-        _add(arg, found, out, seen_dirs, glob_ok=True)
+        for name in expand_arg(arg):
+            _add(name, found, out, seen_dirs, glob_ok=True)
     stdin_used = False
     for list_path in from_files:
         if list_path == "-":
@@ -93,6 +97,8 @@ def collect_images(inputs: Sequence[str], from_files: Sequence[str] = (), stdin:
             stdin_used = True
         for line in _list_lines(list_path, stdin):
             _add(line, found, out, seen_dirs, glob_ok=False)
+    for line in listed:  # formats: a --from-table column's cells (clipcli.tables)
+        _add(line, found, out, seen_dirs, glob_ok=False)
     out.images = sorted(found)
     return out
 
@@ -120,7 +126,11 @@ def _add(arg: str, found: set[str], out: Collection, seen_dirs: set[tuple[int, i
         found.add(arg)  # other schemes fail in the loader with a clear reason
         return
     path = os.path.normpath(arg)
-    if os.path.isdir(path):
+    if path.lower().endswith(".tar") and os.path.isfile(path):  # formats: a WebDataset shard's samples
+        from clipcli.tar_input import image_refs
+
+        found.update(image_refs(path, lambda where, reason: out.failures.append(Failed(where, "read", reason))))
+    elif os.path.isdir(path):
         found.update(walk_images(path, out, seen_dirs))
     elif os.path.lexists(path):
         found.add(path)
@@ -182,11 +192,16 @@ def collect_texts(files: Sequence[str], text_field: str | None = None, stdin: Te
 
     out = Collection("text")
     seen_files: set[str] = set()
-    for name in files:
+    from clipcli.tar_input import expand_arg  # formats: --texts 'shards/{0000..0009}.tar'
+
+    for name in (n for arg in files for n in expand_arg(arg)):
         path = name if name == "-" else os.path.normpath(name)
         if path in seen_files:
             continue
         seen_files.add(path)
+        if path.lower().endswith(".tar") and os.path.isfile(path):  # formats: key.txt / key.json of a shard
+            _tar_texts(path, text_field, out)
+            continue
         fmt = text_format(path, text_field)
         if fmt in ("lines", "jsonl"):
             _read_per_line(path, fmt, text_field or "", stdin, out)
@@ -299,3 +314,12 @@ def _field(obj: Any, name: str, source: str, path: str, number: int, out: Collec
         return
     if value.strip():
         out.texts.append(TextRecord(source, path, number, value))
+
+
+def _tar_texts(path: str, text_field: str | None, out: Collection) -> None:
+    """formats: the texts of a WebDataset shard (clipcli.tar_input.text_samples), line = sample number."""
+    from clipcli.tar_input import text_samples
+
+    samples = text_samples(path, text_field, lambda where, reason: out.failures.append(Failed(where, "read", reason)))
+    for number, (source, text) in enumerate(samples, start=1):
+        out.texts.append(TextRecord(source, path, number, text))

@@ -86,6 +86,12 @@ def file_record(source: str, *, hashed: bool) -> dict[str, Any]:
     record: dict[str, Any] = {"source": source}
     if is_url(source) or has_url_scheme(source):
         return record
+    if ".tar:" in source.lower():  # formats: a tar sample's version is its tar's (clipcli.tar_input)
+        from clipcli.tar_input import member_record
+
+        member = member_record(source, hashed=hashed)
+        if member is not None:
+            return member
     try:
         st = os.stat(source)
     except OSError:

@@ -104,6 +104,7 @@ class RayEngine:
         self._ray: Any = None
         self._started = False
         self._resources: tuple[int, float] | None = None
+        self._stderr_filter: Any = None  # first-hour (#17): Ray's native log lines off stderr
 
     # ------------------------------------------------------------------ session
     def start(self, modality: str) -> None:
@@ -119,6 +120,14 @@ class RayEngine:
         # Ray's own notices only with -v (progress_bars): clipcli reports progress and failures.
         level = logging.WARNING if self.options.progress_bars else logging.ERROR
         kwargs: dict[str, Any] = {"logging_level": level, "configure_logging": True}
+        # --- first-hour (#17): Ray's C++ lines (core_worker.cc ...) and its workers' logs stay
+        # off stderr unless -v; failures still reach the user as clipcli's own messages.
+        if not self.options.progress_bars:
+            from clipcli.native_stderr import NativeStderrFilter
+
+            kwargs["log_to_driver"] = False
+            self._stderr_filter = NativeStderrFilter()
+        # --- end first-hour
         if self.options.address:
             kwargs["address"] = self.options.address
         else:
@@ -130,6 +139,7 @@ class RayEngine:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"at {self.options.address}" if self.options.address else "(local start)"
+            self._close_stderr_filter()  # first-hour (#17)
             raise UsageError(f"cannot start or reach a Ray cluster {where}: {first_line(exc)}") from None
         finally:
             # ray.init makes SIGTERM exit at once; keep clipcli's (stop cleanly, commit the rows).
@@ -148,6 +158,15 @@ class RayEngine:
                 self._ray.shutdown()
             except Exception:  # shutting down after a failure: nothing more to save
                 pass
+        self._close_stderr_filter()  # first-hour (#17)
+
+    # --- first-hour (#17)
+    def _close_stderr_filter(self) -> None:
+        """stderr as it was before this engine started Ray (see clipcli.native_stderr)."""
+        stderr_filter, self._stderr_filter = self._stderr_filter, None
+        if stderr_filter is not None:
+            stderr_filter.close()
+    # --- end first-hour
 
     def _plan_resources(self, ray: Any, modality: str) -> tuple[int, float]:
         """(actors, GPUs per actor), checked against what the cluster has."""

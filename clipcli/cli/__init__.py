@@ -6,13 +6,15 @@ import typer
 
 from clipcli import __version__
 from clipcli.cli import batch_cmd, config_cmd, embed, search_cmd, serve_cmd
+from clipcli.cli.help_format import ClipcliGroup
 
 app = typer.Typer(
     name="clipcli",
     help="CLIP embeddings for images and texts, from the shell.\n\n"
     "Example: clipcli embed-image cat.jpg https://example.com/dog.png -o vectors.npy",
+    cls=ClipcliGroup,  # metavars, literal help text, `--flag true` refused: for every command
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (README: Shell completion)
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

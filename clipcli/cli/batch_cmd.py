@@ -47,13 +47,16 @@ from clipcli.cli.common import (
     TimeoutOpt,
     VerboseOpt,
     handle_errors,
+    refuse_no_inputs,
     settings_from,
     signals_as_interrupt,
 )
+from clipcli.cli.table_opts import CaptionColumnOpt, ColumnOpt, FromTableOpt, table_args  # formats
 from clipcli.errors import UsageError
 
 if TYPE_CHECKING:
     from clipcli.batch.runner import Plan, RunResult
+    from clipcli.tables import TableArgs  # formats
 
 BATCH_PANEL = "Batch"
 PLAIN_PROGRESS_EVERY_S = 10.0  # seconds between progress lines when stderr is not a terminal
@@ -63,7 +66,7 @@ HELP = """Embed a whole collection into OUTDIR, resumably and incrementally.
 
 Rerunning the same command embeds only what is new or changed, continues after a crash or Ctrl-C, and never mixes settings. OUTDIR ends with embeddings.npy (rows sorted by source), sources.txt, index.jsonl, errors.jsonl and manifest.json.
 
-Scale out: --engine ray embeds on a Ray cluster; --shard I/N embeds part I of N (one OUTDIR per part, e.g. a Slurm array), and 'clipcli batch merge OUTDIR... -o MERGED' combines the parts (see clipcli batch merge --help). 'clipcli batch check OUTDIR [--repair]' verifies (and repairs) an OUTDIR.
+Scale out: --engine ray embeds on a Ray cluster; --shard I/N embeds part I of N (one OUTDIR per part, e.g. a Slurm array), and 'clipcli batch merge OUTDIR... -o MERGED' combines the parts (see clipcli batch merge --help). 'clipcli batch check OUTDIR [--repair]' verifies (and repairs) an OUTDIR. 'clipcli batch export OUTDIR -o out.parquet' writes an OUTDIR as Parquet (or another output format).
 
 Example: clipcli batch ~/photos -o ~/photo-vectors --feature projected --normalize
 """
@@ -181,10 +184,11 @@ class BatchCommand(TyperCommand):
     to that command; a directory literally named so is given as ``./merge``, ``./check``)."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
-        if args and args[0] in ("merge", "check"):
-            from clipcli.cli import batch_tools
+        if args and args[0] in ("merge", "check", "export"):  # formats: + export (clipcli/cli/export_cmd.py)
+            from clipcli.cli import batch_tools, export_cmd
 
-            command = batch_tools.merge_command() if args[0] == "merge" else batch_tools.check_command()
+            command = {"merge": batch_tools.merge_command, "check": batch_tools.check_command,
+                       "export": export_cmd.export_command}[args[0]]()
             return command.make_context(f"{info_name or 'batch'} {args[0]}", list(args[1:]), parent=parent, **extra)
         return super().make_context(info_name, args, parent=parent, **extra)
 
@@ -196,8 +200,11 @@ def register(app: typer.Typer) -> None:
     def batch(
         ctx: typer.Context,
         output: Annotated[str, typer.Option("--output", "-o", help="Output directory (created if needed; reuse it to resume or update).", metavar="OUTDIR", rich_help_panel=OUT_PANEL, show_default=False)],
-        inputs: Annotated[list[str] | None, typer.Argument(help="Directories (recursive), image files, glob patterns ('photos/**/*.jpg') and http(s) URLs.", show_default=False)] = None,
+        inputs: Annotated[list[str] | None, typer.Argument(help="Directories (recursive), image files, glob patterns ('photos/**/*.jpg'), http(s) URLs and WebDataset .tar shards ('shards/{00000..00099}.tar').", show_default=False)] = None,
         from_file: Annotated[list[str] | None, typer.Option("--from-file", help="Read paths/URLs from LIST, one per line; - for stdin (repeatable).", metavar="LIST", rich_help_panel=IN_PANEL)] = None,
+        from_table: FromTableOpt = None,  # formats: table inputs (clipcli/tables.py)
+        column: ColumnOpt = None,
+        caption_column: CaptionColumnOpt = None,
         texts: Annotated[list[str] | None, typer.Option("--texts", help="Embed texts from FILE, one per line (or a field, see --text-field) instead of images (repeatable).", metavar="FILE", rich_help_panel=IN_PANEL)] = None,
         text_field: Annotated[str | None, typer.Option("--text-field", help="With --texts: the JSON Lines field or CSV/TSV column that holds the text.", metavar="NAME", rich_help_panel=IN_PANEL)] = None,
         hash_: Annotated[bool, typer.Option("--hash", help="Identify file versions by sha256 of their bytes, not size+mtime (reads every file each run).", rich_help_panel=BATCH_PANEL)] = False,
@@ -252,6 +259,7 @@ def register(app: typer.Typer) -> None:
             code = run_batch(
                 inputs or [], output, settings, reporter,
                 from_files=from_file or [], texts=texts or [], text_field=text_field, hash_files=hash_,
+                table=table_args(from_table, column, caption_column),
                 keep_deleted=keep_deleted, allow_deletions=allow_deletions, wait=wait, max_errors=parse_max_errors(max_errors),
                 dry_run=dry_run, shard_size=shard_size, shard=shard_spec,
                 ray=RayArgs(ray_address, workers or 0, num_gpus_per_worker) if engine == "ray" else None,
@@ -287,6 +295,7 @@ def run_batch(
     shard_size: int = DEFAULT_SHARD_SIZE,
     shard: tuple[int, int] | None = None,
     ray: RayArgs | None = None,
+    table: TableArgs | None = None,
 ) -> int:
     """The batch command without Typer: collect, plan or run, report; return the exit code.
 
@@ -303,14 +312,19 @@ def run_batch(
         raise UsageError("one output directory holds either images or texts: use --texts without image inputs")
     if text_field is not None and not texts:
         raise UsageError("--text-field needs --texts FILE")
-    if not texts and not inputs and not from_files:
+    if not texts and not inputs and not from_files and table is None:
         raise UsageError("no inputs given (pass directories, files, globs or URLs, --from-file LIST, or --texts FILE)")
 
-    collection = collect_texts(texts, text_field, sys.stdin) if texts else collect_images(inputs, from_files, sys.stdin)
+    if table is not None:  # formats: --from-table rows join the other inputs (clipcli/tables.py)
+        collection = table.collect(inputs, from_files, texts, text_field, sys.stdin)
+    else:
+        collection = collect_texts(texts, text_field, sys.stdin) if texts else collect_images(inputs, from_files, sys.stdin)
     unit = "images" if collection.modality == "image" else "texts"
     events = CliEvents(reporter, unit=unit, outdir=output)
     for message in collection.warnings:
         reporter.warn(message)
+    if not len(collection) and not collection.failures:  # first-hour #17: exit 2 before any model load
+        refuse_no_inputs(output, [*texts, *from_files, *inputs])
     options = BatchOptions(
         hash=hash_files, keep_deleted=keep_deleted, allow_deletions=allow_deletions, shard_size=shard_size, batch_size=settings.batch_size,
         workers=settings.workers, wait=wait, out_dtype=settings.out_dtype, shard=shard,

@@ -41,7 +41,9 @@ def merge_command() -> click.Command:
                 Reporter._line(f"batch merge: {result.summary}")
         raise typer.Exit(EXIT_OK)
 
-    return typer.main.get_command(merge_app)
+    from clipcli.cli.help_format import tidy  # first-hour #17: metavars and help text as the rest
+
+    return tidy(typer.main.get_command(merge_app))
 
 
 
@@ -89,4 +91,6 @@ def check_command() -> click.Command:
                     Reporter._line(f"batch check: {outdir}: {len(report.remaining)} problem(s){hint}")
         raise typer.Exit(EXIT_OK if report.healthy else EXIT_INPUTS_FAILED)
 
-    return typer.main.get_command(check_app)
+    from clipcli.cli.help_format import tidy  # first-hour #17: metavars and help text as the rest
+
+    return tidy(typer.main.get_command(check_app))

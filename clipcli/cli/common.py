@@ -40,8 +40,8 @@ DtypeOpt = Annotated[str | None, typer.Option(help="auto, float32, float16 or bf
 FeatureOpt = Annotated[str | None, typer.Option(help="pooled (tower pooler_output) or projected (joint image-text space). (default: pooled)", rich_help_panel=MODEL_PANEL)]
 NormalizeOpt = Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="L2-normalise the vectors. (default: no)", rich_help_panel=MODEL_PANEL, show_default=False)]
 BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", "-b", help="Inputs per forward pass. (default: 32)", rich_help_panel=MODEL_PANEL)]
-OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output file (format from its extension: .jsonl .json .npy .npz .tsv) or - for stdout. (default: stdout)", rich_help_panel=OUT_PANEL)]
-FormatOpt = Annotated[str | None, typer.Option("--format", "-f", help="jsonl, json, npy, npz or tsv (overrides the extension).", rich_help_panel=OUT_PANEL)]
+OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output file (format from its extension: .jsonl .json .npy .npz .tsv .parquet) or - for stdout. (default: stdout)", rich_help_panel=OUT_PANEL)]
+FormatOpt = Annotated[str | None, typer.Option("--format", "-f", help="jsonl, json, npy, npz, tsv or parquet (overrides the extension).", rich_help_panel=OUT_PANEL)]
 OutDtypeOpt = Annotated[str | None, typer.Option(help="float32 or float16 for written vectors. (default: float32)", rich_help_panel=OUT_PANEL)]
 PreprocessOpt = Annotated[str | None, typer.Option(help="Preset: clip (the checkpoint's own) or imagenet (ImageNet mean/std). (default: clip)", rich_help_panel=PRE_PANEL)]
 ResizeOpt = Annotated[int | None, typer.Option(help="Resize the shortest edge to N pixels.", rich_help_panel=PRE_PANEL)]
@@ -81,6 +81,19 @@ def settings_from(ctx: typer.Context, **overrides: Any) -> Any:
     flags = {key: value for key, value in ctx.params.items() if key in KEYS}
     flags.update(overrides)
     return resolve_settings(flags).settings
+
+
+def refuse_no_inputs(outdir: str, given: list[str]) -> None:
+    """``batch`` found nothing to embed: into a new OUTDIR that is "no inputs" (UsageError, exit
+    2, before any model load); an existing OUTDIR is left to the mass-deletion guard."""
+    from pathlib import Path
+
+    from clipcli.batch.layout import MANIFEST
+    from clipcli.errors import UsageError
+
+    if not (Path(outdir) / MANIFEST).exists():
+        names = ", ".join("stdin" if name == "-" else name for name in given)
+        raise UsageError(f"no inputs to embed ({names} gave none); nothing written")
 
 
 class Reporter:

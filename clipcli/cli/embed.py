@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Annotated, Any
@@ -38,6 +39,7 @@ from clipcli.cli.common import (
     TimeoutOpt,
     VerboseOpt,
     WorkersOpt,
+    EXIT_INPUTS_FAILED,
     Reporter,
     handle_errors,
     settings_from,
@@ -47,6 +49,7 @@ from clipcli.cli.embed_shared import (
     build_encoder,
     find_server,
     open_server_client,
+    peek,
     prepare_output,
     server_failed,
     server_metadata,
@@ -76,7 +79,7 @@ def register(app: typer.Typer) -> None:
     @app.command("embed-image")
     def embed_image(
         ctx: typer.Context,
-        inputs: Annotated[list[str], typer.Argument(help="Image files or http(s) URLs; - reads them from stdin, one per line.", show_default=False)],
+        inputs: Annotated[list[str], typer.Argument(help="Image files, directories (recursive, as batch walks them), http(s) URLs or WebDataset .tar shards ('shards/{00000..00009}.tar'); - reads them from stdin, one per line.", show_default=False)],
         output: OutputOpt = None,
         format: FormatOpt = None,
         out_dtype: OutDtypeOpt = None,
@@ -162,22 +165,71 @@ def run_embed_images(
     ``server``: None uses a running ``clipcli serve`` for the same settings when there is one,
     True requires one (ServerUnavailable, exit 3), False never uses one.
     """
-    from clipcli.sources import expand_stdin
+    from clipcli.sources import STDIN, expand_stdin, safe_display
 
     if not inputs:
         raise UsageError("no inputs given (pass image paths or URLs, or - to read them from stdin)")
     fmt = prepare_output(output, settings)  # usage and storage errors before the slow model load
+    empty_dirs: list[str] = []
+    from clipcli.tar_input import expand_arg, expand_image_inputs  # formats: {a..b} arguments, tar shards
+
+    named = [name for arg in inputs for name in expand_arg(arg)]
+    listed = expand_directories(expand_stdin(named, sys.stdin, on_bad=reporter.skip), reporter, empty_dirs)
+    found = peek(expand_image_inputs(listed, on_bad=reporter.skip))
+    if found is None:
+        # Nothing to embed: no model load, no output file (a cron job learns it from the code).
+        if reporter.failed:
+            return EXIT_INPUTS_FAILED
+        why = [*(["stdin had no paths or URLs"] if STDIN in inputs else []),
+               *(f"no image files under {safe_display(d)}" for d in empty_dirs)]
+        raise UsageError(f"no inputs to embed ({'; '.join(why) or 'none given'})")
+    refs: Iterator[str] = found
+    # The bar's total is known when every input was named on the command line.
+    total = (len(named) if STDIN not in named and not any(os.path.isdir(ref) or ref.endswith(".tar") for ref in named)
+             else None)
     target = find_server(settings, "image", server)
-    refs = expand_stdin(inputs, sys.stdin, on_bad=reporter.skip)
     client = open_server_client(target, settings, "image", reporter, server)
     if client is not None:
-        return _run_images_remote(client, refs, settings, output, fmt, reporter, fail_fast=fail_fast, server=server)
+        return _run_images_remote(client, refs, settings, output, fmt, reporter, fail_fast=fail_fast, server=server,
+                                  total=total)
     encoder = build_encoder(settings, reporter)
     from clipcli.writers import Writer
 
     writer = Writer(output, fmt, encoder.metadata("vision"), out_dtype=settings.out_dtype)
     batches = _local_image_batches(refs, settings, reporter, encoder)
-    return write_results(batches, writer, reporter, fail_fast=fail_fast)
+    return write_results(batches, writer, reporter, fail_fast=fail_fast, total=total)
+
+
+def expand_directories(refs: Iterable[str], reporter: Reporter, empty: list[str]) -> Iterator[str]:
+    """Each directory among ``refs`` replaced by the image files under it, as ``batch`` finds them.
+
+    Recursive, hidden entries skipped, sorted per directory, each directory walked once; an
+    unlistable directory is one skip line; a directory with no images is appended to ``empty``
+    (and warned about at the end, when there were other inputs).
+    """
+    from clipcli.batch.collect import Collection, walk_images
+    from clipcli.sources import has_url_scheme, is_url, safe_display
+
+    seen: set[tuple[int, int]] = set()
+    yielded = False
+    for ref in refs:
+        if is_url(ref) or has_url_scheme(ref) or not os.path.isdir(ref):
+            yielded = True
+            yield ref
+            continue
+        problems = Collection("image")
+        count = 0
+        for path in walk_images(ref, problems, seen):
+            count += 1
+            yielded = True
+            yield path
+        for failed in problems.failures:
+            reporter.skip(failed.source, failed.reason)
+        if not count and not problems.failures:
+            empty.append(ref)
+    if yielded:  # else the caller's "no inputs" error names them, in one line
+        for ref in empty:
+            reporter.warn(f"{safe_display(ref)}: no image files in this directory")
 
 
 def _local_image_batches(
@@ -211,7 +263,7 @@ def _absolute(ref: str, cwd: str) -> str:
 
 def _run_images_remote(
     client: Any, refs: Iterator[str], settings: Any, output: str, fmt: str, reporter: Reporter, *,
-    fail_fast: bool, server: bool | None,
+    fail_fast: bool, server: bool | None, total: int | None = None,
 ) -> int:
     import os
 
@@ -247,4 +299,4 @@ def _run_images_remote(
         finally:
             client.close()
 
-    return write_results(batches(), writer, reporter, fail_fast=fail_fast)
+    return write_results(batches(), writer, reporter, fail_fast=fail_fast, total=total)

@@ -6,10 +6,17 @@ inside the functions that need them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import contextlib
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from clipcli.cli.common import EXIT_INPUTS_FAILED, EXIT_OK, Reporter
+
+T = TypeVar("T")
+
+# Formats that are text: anything else (npy, npz, parquet...) is binary and never goes to a terminal.
+TEXT_FORMATS = ("jsonl", "json", "tsv")
 
 
 class FailFast(Exception):
@@ -26,9 +33,31 @@ def prepare_output(output: str, settings: Any) -> str:
     from clipcli.writers import infer_format
     from clipcli.writers import prepare_output as check_output
 
+    from clipcli.errors import UsageError
+
     fmt = infer_format(output, settings.format)
+    if output == "-" and fmt not in TEXT_FORMATS and _is_terminal(sys.stdout):
+        # As gzip and curl do: binary on a terminal is noise at best, a garbled terminal at worst.
+        raise UsageError(f"not writing binary {fmt} to a terminal; give -o FILE.{fmt}, or pipe it "
+                         f"(clipcli ... -f {fmt} -o - | ...)")
     check_output(output, fmt)
     return fmt
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def peek(items: Iterator[T]) -> Iterator[T] | None:
+    """``items`` unchanged, or None when it yields nothing (pulls the first item)."""
+    import itertools
+
+    for first in items:
+        return itertools.chain([first], items)
+    return None
 
 
 def build_encoder(settings: Any, reporter: Reporter) -> Any:
@@ -52,13 +81,54 @@ def build_encoder(settings: Any, reporter: Reporter) -> Any:
     return encoder
 
 
-def write_results(batches: Iterable[list[Any]], writer: Any, reporter: Reporter, *, fail_fast: bool) -> int:
-    """Write embedded items, report failures; return the exit code. Aborts the writer on error."""
+@contextlib.contextmanager
+def progress_bar(reporter: Reporter, total: int | None = None) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr when it is a terminal (not with --quiet); else nothing.
+
+    Yields ``advance(n)``. Skip and warning lines printed meanwhile appear above the bar (rich
+    redirects stderr while it runs); the bar is removed at the end.
+    """
+    if reporter.quiet or not _is_terminal(sys.stderr):
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns: list[Any] = [TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    if total:
+        columns.append(TimeRemainingColumn())
+    # stdout is the data: never routed through rich (only stderr lines go above the bar).
+    bar = Progress(*columns, console=Console(stderr=True), transient=True, redirect_stdout=False)
+    task = bar.add_task("embedding", total=total or None)
+    bar.start()
+    try:
+        yield lambda n: bar.advance(task, n)
+    finally:
+        bar.stop()
+
+
+def write_results(
+    batches: Iterable[list[Any]], writer: Any, reporter: Reporter, *, fail_fast: bool, total: int | None = None
+) -> int:
+    """Write embedded items, report failures; return the exit code. Aborts the writer on error.
+
+    ``total``: the number of inputs when known (for the progress bar on a terminal).
+    """
+    # Vectors printed on the terminal are their own progress; a bar would be drawn through them.
+    on_screen = getattr(writer, "target", None) == "-" and _is_terminal(sys.stdout)
+    with progress_bar(Reporter(quiet=True) if on_screen else reporter, total) as advance:
+        return _write_results(batches, writer, reporter, fail_fast=fail_fast, advance=advance)
+
+
+def _write_results(
+    batches: Iterable[list[Any]], writer: Any, reporter: Reporter, *, fail_fast: bool, advance: Callable[[int], None]
+) -> int:
     from clipcli.pipeline import Failed
 
     try:
         try:
             for results in batches:
+                advance(len(results))
                 ok = []
                 for result in results:
                     if isinstance(result, Failed):

@@ -17,13 +17,15 @@ from clipcli.cli.embed_shared import (
     build_encoder,
     find_server,
     open_server_client,
+    peek,
     prepare_output,
     server_failed,
     server_metadata,
     write_results,
 )
-from clipcli.cli.common import Reporter
+from clipcli.cli.common import EXIT_INPUTS_FAILED, Reporter
 from clipcli.errors import InputError, UsageError
+from clipcli.sources import STDIN
 
 
 def _item(source: str, text: str) -> Any:
@@ -117,11 +119,24 @@ def run_embed_texts(
     if not texts and not files:
         raise UsageError("no texts given (pass texts, - to read them from stdin, or --file PATH)")
     fmt = prepare_output(output, settings)
+    try:
+        found = peek(text_items(texts, files, settings, reporter, fail_fast))
+    except FailFast:
+        reporter.error("stopping at the first failed input (--fail-fast)")
+        return EXIT_INPUTS_FAILED
+    if found is None:
+        # Nothing to embed: no model load, no output file (a cron job learns it from the code).
+        if reporter.failed:
+            return EXIT_INPUTS_FAILED
+        where = [*(["stdin"] if STDIN in texts else []), *files]
+        raise UsageError(f"no texts to embed ({', '.join(where)} had no lines)")
+    items: Iterator[Any] = found
+    total = len(texts) if not files and STDIN not in texts else None
     target = find_server(settings, "text", server)
     client = open_server_client(target, settings, "text", reporter, server)
     if client is not None:
-        return _run_texts_remote(client, texts, files, settings, output, fmt, reporter, fail_fast=fail_fast,
-                                 server=server)
+        return _run_texts_remote(client, items, settings, output, fmt, reporter, fail_fast=fail_fast,
+                                 server=server, total=total)
     encoder = build_encoder(settings, reporter)
     from clipcli.pipeline import embed_texts
     from clipcli.writers import Writer
@@ -132,13 +147,13 @@ def run_embed_texts(
     def batches() -> Iterator[list[Any]]:
         try:
             yield from embed_texts(
-                text_items(texts, files, settings, reporter, fail_fast), encoder,
+                items, encoder,
                 batch_size=settings.batch_size, on_truncated=lambda item: warn_cut(reporter, limit, item.text),
             )
         except FailFast:
             reporter.error("stopping at the first failed input (--fail-fast)")
 
-    return write_results(batches(), writer, reporter, fail_fast=fail_fast)
+    return write_results(batches(), writer, reporter, fail_fast=fail_fast, total=total)
 
 
 def warn_cut(reporter: Reporter, limit: int, text: str) -> None:
@@ -149,8 +164,8 @@ def warn_cut(reporter: Reporter, limit: int, text: str) -> None:
 
 
 def _run_texts_remote(
-    client: Any, texts: list[str], files: list[str], settings: Any, output: str, fmt: str, reporter: Reporter, *,
-    fail_fast: bool, server: bool | None,
+    client: Any, items: Iterator[Any], settings: Any, output: str, fmt: str, reporter: Reporter, *,
+    fail_fast: bool, server: bool | None, total: int | None = None,
 ) -> int:
     from clipcli.pipeline import Embedded, Failed
     from clipcli.serve.client import ServerError, embed_stream
@@ -164,7 +179,6 @@ def _run_texts_remote(
         client.close()
         raise
     limit = int(metadata.get("max_text_length", 77))
-    items = text_items(texts, files, settings, reporter, fail_fast)
 
     def batches() -> Iterator[list[Any]]:
         try:
@@ -194,4 +208,4 @@ def _run_texts_remote(
         finally:
             client.close()
 
-    return write_results(batches(), writer, reporter, fail_fast=fail_fast)
+    return write_results(batches(), writer, reporter, fail_fast=fail_fast, total=total)

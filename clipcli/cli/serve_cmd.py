@@ -147,6 +147,8 @@ def status(
     """Show the servers running for this user: model, device, uptime, requests served, queue.
 
     Exit status 3 when none runs.
+
+    Example: clipcli serve status --json | jq '.[0].device'
     """
     from clipcli.serve.client import list_sockets
 
@@ -184,6 +186,8 @@ def stop(
     """Stop the servers of this user: all of them, or with model options only the one serving them.
 
     Running requests finish first. Exit 0 also when none was running.
+
+    Example: clipcli serve stop --model ./my-checkpoint   (only the server of that model)
     """
     from clipcli.serve.client import list_sockets
     from clipcli.serve.protocol import runtime_dir, settings_key, socket_path
