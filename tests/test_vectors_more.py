@@ -1,5 +1,5 @@
-"""Issue #15, second round: weighted query terms, VECTORS given as the text outputs
-(.json/.jsonl/.tsv) of embed-image/embed-text, classify through a warm server, and the index's
+"""Issue #15, second round: weighted query terms, VECTORS given as the text and Parquet outputs
+(.json/.jsonl/.tsv/.parquet) of embed-image/embed-text, classify through a warm server, and the index's
 nprobe calibrated at build time. Every ranking and probability is compared with a numpy
 computation inside the test on the same vectors (random weights: equality, not semantics)."""
 
@@ -91,6 +91,11 @@ def _parse_output(path: Path) -> tuple[np.ndarray, list[str]]:
     if path.suffix == ".json":
         doc = json.loads(path.read_text())
         return np.array([i["embedding"] for i in doc["items"]]), [i["source"] for i in doc["items"]]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        return np.array(table.column("embedding").to_pylist()), table.column("source").to_pylist()
     if path.suffix == ".jsonl":
         items = [json.loads(line) for line in path.read_text().splitlines()]
         return np.array([i["embedding"] for i in items]), [i["source"] for i in items]
@@ -98,7 +103,7 @@ def _parse_output(path: Path) -> tuple[np.ndarray, list[str]]:
     return np.array([[float(v) for v in r[1:]] for r in rows]), [r[0] for r in rows]
 
 
-@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".tsv"])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".tsv", ".parquet"])
 def test_text_outputs_are_searched_like_the_binary_ones(tiny_model: str, images: list[Path], tmp_path: Path,
                                                        suffix: str) -> None:
     path = tmp_path / f"v{suffix}"
@@ -106,7 +111,7 @@ def test_text_outputs_are_searched_like_the_binary_ones(tiny_model: str, images:
     assert made.exit_code == 0, made.stderr
     matrix, sources = _parse_output(path)
     query = _text(tiny_model, "a red car")
-    model_args = [] if suffix == ".json" else ["--model", tiny_model, "--feature", "projected"]
+    model_args = [] if suffix in (".json", ".parquet") else ["--model", tiny_model, "--feature", "projected"]
     if model_args:  # JSON Lines and TSV record no settings, as a plain .npy
         _one_line_error(run("search", str(path), "a red car"), "records no model settings", ".jsonl or .tsv")
     result = run("search", str(path), "a red car", "-k", "0", "--threshold", "-1", *model_args)
@@ -159,6 +164,7 @@ def test_a_float16_json_output_and_texts_with_tabs(tiny_model: str, tmp_path: Pa
     ("d.jsonl", '{"source": "x", "embedding": [1, 2]}\n{"source": "y", "embedding": [1]}\n', "row 2 ('y') has 1 values, the first 2"),
     ("e.tsv", "x\t1\t2\ny\tone\t2\n", "line 2 is not source<TAB>numbers"),
     ("f.tsv", "", "holds no rows"),
+    ("g.parquet", "PAR1 junk", "not a readable Parquet file"),
 ])
 def test_damaged_text_outputs_are_refused_with_one_line(tmp_path: Path, name: str, text: str, reason: str) -> None:
     path = tmp_path / name

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("dedup")
     def dedup(
-        vectors: Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt), .npz, .json, .jsonl or .tsv output.", show_default=False)],
+        vectors: Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt), .npz, .json, .jsonl, .tsv or .parquet output.", show_default=False)],
         threshold: Annotated[float, typer.Option(help="Items with cosine ≥ this are duplicates (groups join through shared members).")] = 0.95,
         keep: Annotated[str | None, typer.Option(help="Print the items to drop, keeping one per group: " + ", ".join(KEEP_RULES) + ".")] = None,
         out_format: Annotated[str, typer.Option("--format", "-f", help="tsv (one group per line, tab-separated) or jsonl.")] = "tsv",
@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("index")
     def index(
-        vectors: Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt), .npz, .json, .jsonl or .tsv output.", show_default=False)],
+        vectors: Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt), .npz, .json, .jsonl, .tsv or .parquet output.", show_default=False)],
         rebuild: Annotated[bool, typer.Option("--rebuild", help="Train a new index instead of updating the existing one.")] = False,
         nlist: Annotated[int | None, typer.Option(help="Inverted lists (default: about √N, at most 4096).")] = None,
         recall: Annotated[float | None, typer.Option(help="recall@10 the calibrated nprobe must reach on held-out sample rows (default 0.97; a new value recalibrates).", show_default=False)] = None,

@@ -24,7 +24,7 @@ from clipcli.cli.common import (
 )
 from clipcli.errors import UsageError
 
-VectorsArg = Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt), .npz, .json, .jsonl or .tsv output.", show_default=False)]
+VectorsArg = Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt), .npz, .json, .jsonl, .tsv or .parquet output.", show_default=False)]
 TopOpt = Annotated[int, typer.Option("--top", "-k", help="How many results (0: all, with --threshold).")]
 ThresholdOpt = Annotated[float | None, typer.Option(help="Only results with cosine ≥ this.")]
 OutFormatOpt = Annotated[str, typer.Option("--format", "-f", help="tsv (score<TAB>source) or jsonl.")]

@@ -73,7 +73,7 @@ class VectorSet:
     matrix: np.ndarray
     sources: Sources
     metadata: dict[str, Any] = field(default_factory=dict)
-    kind: str = "npy"  # outdir, npy, npz, json, jsonl or tsv
+    kind: str = "npy"  # outdir, npy, npz, json, jsonl, tsv or parquet
 
     def __len__(self) -> int:
         return int(self.matrix.shape[0])
@@ -107,7 +107,7 @@ def open_vectors(path: str | Path) -> VectorSet:
         raise UsageError(f"vectors {p}: permission denied") from None
     raise UsageError(
         f"vectors {p}: not a clipcli output (expected a batch OUTDIR, or an .npy with its "
-        ".sources.txt, an .npz, or a .json/.jsonl/.tsv output)"
+        ".sources.txt, an .npz, or a .json/.jsonl/.tsv/.parquet output)"
     )
 
 
@@ -177,6 +177,14 @@ def _open_text(p: Path) -> VectorSet:
     return VectorSet(p, matrix, Sources(array=np.array(sources, dtype=object)), metadata, kind)
 
 
+def _open_parquet(p: Path) -> VectorSet:
+    """A .parquet output (needs pyarrow, the optional ``clipcli[parquet]``)."""
+    from clipcli.vectors.parquet_input import read_parquet_output
+
+    matrix, sources, metadata = read_parquet_output(p)
+    return VectorSet(p, matrix, Sources(array=np.array(sources, dtype=object)), metadata, "parquet")
+
+
 def _open_npz(p: Path) -> VectorSet:
     try:
         with zipfile.ZipFile(p) as archive:
@@ -222,8 +230,7 @@ def _member(p: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray:
     return np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
-# Output files by extension. The extension point for another writer's format (a ``.parquet``
-# reader returning a VectorSet): add its suffix here; nothing else in search/dedup/index
-# depends on the kind of file.
+# Output files by extension: the extension point for another writer's format (a reader
+# returning a VectorSet); nothing else in search/dedup/index depends on the kind of file.
 READERS = {".npy": _open_npy, ".npz": _open_npz, ".json": _open_text, ".jsonl": _open_text, ".ndjson": _open_text,
-           ".tsv": _open_text}
+           ".tsv": _open_text, ".parquet": _open_parquet}
