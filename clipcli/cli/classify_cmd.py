@@ -55,18 +55,18 @@ def parse_labels(labels: str | None, labels_file: str | None) -> list[str]:
 
 def label_vectors(encoder: Any, labels: list[str], templates: list[str]) -> Any:
     """(L, D) unit label vectors: the mean of each label's unit template vectors, normalised."""
-    from clipcli.vectors.scoring import unit
+    from clipcli.cli.classify_remote import label_matrix, label_texts
 
-    texts = [t.format(label) if "{}" in t else f"{t} {label}" for label in labels for t in templates]
-    vecs = unit(encoder.encode_texts(texts)).reshape(len(labels), len(templates), -1)
-    return unit(vecs.mean(axis=1))
+    return label_matrix(encoder.encode_texts(label_texts(labels, templates)), len(labels), len(templates))
 
 
 def is_vectors(inputs: list[str]) -> bool:
     if len(inputs) != 1:
         return False
     p = Path(inputs[0])
-    return (p.is_dir() and (p / "manifest.json").is_file()) or p.suffix.lower() in (".npy", ".npz")
+    from clipcli.vectors.store import READERS
+
+    return (p.is_dir() and (p / "manifest.json").is_file()) or p.suffix.lower() in READERS
 
 
 def register(app: typer.Typer) -> None:
@@ -86,6 +86,7 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
         batch_size: BatchSizeOpt = None,
+        server: Annotated[bool | None, typer.Option("--server/--no-server", help="Embed labels (and image files) through a running `clipcli serve` with the same model and --feature projected: --server requires one. (default: use one when it runs)", show_default=False)] = None,
         verbose: VerboseOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
@@ -104,12 +105,12 @@ def register(app: typer.Typer) -> None:
             settings = settings_from(ctx, feature="projected", normalize=True)
             k = min(top or len(names), len(names))
             code = run_classify(inputs, names, templates, settings, reporter, k=k, fmt=out_format,
-                                model_given=model is not None)
+                                model_given=model is not None, server=server)
         raise typer.Exit(code)
 
 
-def _vector_batches(inputs: list[str], settings: Any, model_given: bool) -> tuple[Any, Iterator[list[tuple[str, Any]]]]:
-    """(encoder, batches of (source, vector)) from an existing image output."""
+def _vector_batches(inputs: list[str], settings: Any, model_given: bool) -> tuple[Any, Any, Iterator[list[tuple[str, Any]]]]:
+    """(encoder, the label texts' settings, batches of (source, vector)) from an image output."""
     from clipcli.vectors.queries import build_encoder, check_made_alike, query_settings
     from clipcli.vectors.store import open_vectors
 
@@ -123,7 +124,8 @@ def _vector_batches(inputs: list[str], settings: Any, model_given: bool) -> tupl
             "which needs vectors made with --feature projected"
         )
     qs = query_settings(vs, settings, "text", model=settings.model if model_given else None, feature=None)
-    encoder = build_encoder(qs.replace(feature="projected", normalize=True))
+    qs = qs.replace(feature="projected", normalize=True)
+    encoder = build_encoder(qs)  # reads the config only; the model loads when texts are embedded here
     check_made_alike(vs, encoder.metadata("text"), "text")
 
     def batches() -> Iterator[list[tuple[str, Any]]]:
@@ -132,47 +134,81 @@ def _vector_batches(inputs: list[str], settings: Any, model_given: bool) -> tupl
         for first, block in chunks(vs.matrix, 4096, normalized=vs.normalized):
             yield [(vs.sources[first + i], block[i]) for i in range(len(block))]
 
-    return encoder, batches()
+    return encoder, qs, batches()
+
+
+def _label_matrix(encoder: Any, settings: Any, labels: list[str], templates: list[str], server: bool | None,
+                  reporter: Reporter) -> Any:
+    """Label vectors through a warm server when one matches, else in-process."""
+    from clipcli.cli.classify_remote import label_matrix, label_texts, open_for, server_texts
+    from clipcli.cli.embed_shared import server_failed
+    from clipcli.serve.client import ServerError
+
+    prompts = label_texts(labels, templates)
+    client, served = open_for(settings, "text", server, reporter)
+    if client is not None:
+        try:
+            vectors = server_texts(client, served, prompts)
+        except ServerError as exc:
+            server_failed(exc, server, reporter)
+        else:
+            reporter.info(f"classify: labels embedded by the clipcli server at {client.target}")
+            return label_matrix(vectors, len(labels), len(templates))
+    return label_matrix(encoder.encode_texts(prompts), len(labels), len(templates))
+
+
+def _local_images(refs: Any, encoder: Any, settings: Any) -> Iterator[list[Any]]:
+    from clipcli.pipeline import ImageLoader, embed_images
+
+    loader = ImageLoader(timeout=settings.timeout, retries=settings.retries, max_bytes=settings.max_bytes,
+                         max_pixels=settings.max_pixels)
+    try:
+        yield from embed_images(refs, encoder, loader, batch_size=settings.batch_size)
+    finally:
+        loader.close()
 
 
 def run_classify(inputs: list[str], labels: list[str], templates: list[str], settings: Any, reporter: Reporter, *,
-                 k: int, fmt: str, model_given: bool) -> int:
+                 k: int, fmt: str, model_given: bool, server: bool | None = None) -> int:
     """Embed labels (and images), score, write one line per image; exit 1 if some images failed."""
     import numpy as np
 
+    from clipcli.cli.classify_remote import logit_parameters, open_for, server_image_batches
     from clipcli.vectors.scoring import label_probabilities
 
     if not inputs:
         raise UsageError("no inputs given (pass image paths or URLs, - for stdin, or an image OUTDIR)")
-    loader = None
-    if is_vectors(inputs):
-        encoder, batches = _vector_batches(inputs, settings, model_given)
+    vector_input = is_vectors(inputs)
+    if vector_input:
+        encoder, text_settings, batches = _vector_batches(inputs, settings, model_given)
     else:
-        from clipcli.pipeline import ImageLoader, embed_images
-        from clipcli.sources import expand_stdin
         from clipcli.vectors.queries import build_encoder
 
-        encoder = build_encoder(settings)
-        loader = ImageLoader(timeout=settings.timeout, retries=settings.retries, max_bytes=settings.max_bytes,
-                             max_pixels=settings.max_pixels)
-        batches = _image_batches(embed_images(expand_stdin(inputs, sys.stdin), encoder, loader,
-                                              batch_size=settings.batch_size), reporter)
-    try:
-        text = label_vectors(encoder, labels, templates)
-        scale, bias = encoder.logit_parameters()
-        sigmoid = encoder.family.has_logit_bias  # sigmoid-loss families: per-label probabilities
-        reporter.info(f"classify: {len(labels)} labels × {len(templates)} templates; logit scale exp({scale:.4f})"
-                      + (f", bias {bias:.4f}; per-label sigmoid" if sigmoid and bias is not None else "; softmax"))
-        for batch in batches:
-            if not batch:
-                continue
-            image = np.stack([np.asarray(v, dtype=np.float32) for _, v in batch])
-            logits = encoder.family.logits(image, text, scale, bias)
-            probs = label_probabilities(logits, sigmoid)
-            _write(batch, labels, logits, probs, k, fmt)
-    finally:
-        if loader is not None:
-            loader.close()
+        encoder, text_settings = build_encoder(settings), settings
+    # Labels first, images after: one server conversation at a time.
+    text = _label_matrix(encoder, text_settings, labels, templates, server, reporter)
+    if not vector_input:
+        from clipcli.sources import expand_stdin
+
+        refs = expand_stdin(inputs, sys.stdin)
+        client, served = open_for(settings, "image", server, reporter)
+        if client is not None:
+            results = server_image_batches(client, served, refs, reporter, server,
+                                           lambda rest: _local_images(rest, encoder, settings))
+        else:
+            results = _local_images(refs, encoder, settings)
+        batches = _image_batches(results, reporter)
+    scale, bias = logit_parameters(encoder.model_id, encoder.revision, lambda: encoder, encoder.family)
+    sigmoid = encoder.family.has_logit_bias  # sigmoid-loss families: per-label probabilities
+    reporter.info(f"classify: {len(labels)} labels × {len(templates)} templates; logit scale exp({scale:.4f})"
+                  + (f", bias {bias:.4f}; per-label sigmoid" if sigmoid and bias is not None else "; softmax"))
+    for batch in batches:
+        if not batch:
+            continue
+        image = np.stack([np.asarray(v, dtype=np.float32) for _, v in batch])
+        logits = encoder.family.logits(image, text, scale, bias)
+        probs = label_probabilities(logits, sigmoid)
+        _write(batch, labels, logits, probs, k, fmt)
     return EXIT_INPUTS_FAILED if reporter.failed else EXIT_OK
 
 

@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("dedup")
     def dedup(
-        vectors: Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt) or .npz output.", show_default=False)],
+        vectors: Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt), .npz, .json, .jsonl, .tsv or .parquet output.", show_default=False)],
         threshold: Annotated[float, typer.Option(help="Items with cosine ≥ this are duplicates (groups join through shared members).")] = 0.95,
         keep: Annotated[str | None, typer.Option(help="Print the items to drop, keeping one per group: " + ", ".join(KEEP_RULES) + ".")] = None,
         out_format: Annotated[str, typer.Option("--format", "-f", help="tsv (one group per line, tab-separated) or jsonl.")] = "tsv",
@@ -90,9 +90,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("index")
     def index(
-        vectors: Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt) or .npz output.", show_default=False)],
+        vectors: Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt), .npz, .json, .jsonl, .tsv or .parquet output.", show_default=False)],
         rebuild: Annotated[bool, typer.Option("--rebuild", help="Train a new index instead of updating the existing one.")] = False,
         nlist: Annotated[int | None, typer.Option(help="Inverted lists (default: about √N, at most 4096).")] = None,
+        recall: Annotated[float | None, typer.Option(help="recall@10 the calibrated nprobe must reach on held-out sample rows (default 0.97; a new value recalibrates).", show_default=False)] = None,
         verbose: VerboseOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
@@ -103,14 +104,19 @@ def register(app: typer.Typer) -> None:
         """
         reporter = Reporter(quiet=quiet, verbose=verbose)
         with handle_errors(reporter), signals_as_interrupt():  # SIGTERM/SIGHUP: temp files removed, exit 130
-            run_index(vectors, rebuild=rebuild, nlist=nlist, reporter=reporter)
+            if recall is not None and not 0.0 < recall <= 1.0:
+                raise UsageError(f"--recall {recall}: expected a fraction in (0, 1]")
+            run_index(vectors, rebuild=rebuild, nlist=nlist, recall=recall, reporter=reporter)
 
 
-def run_index(path: str, *, rebuild: bool, nlist: int | None, reporter: Reporter) -> None:
+def run_index(path: str, *, rebuild: bool, nlist: int | None, recall: float | None, reporter: Reporter) -> None:
     """Lock an OUTDIR (so no batch run changes it meanwhile), then build or refresh."""
     from clipcli.vectors import index as ann
 
-    built = ann.update(path, nlist=nlist, rebuild=rebuild)
+    built = ann.update(path, nlist=nlist, rebuild=rebuild, recall=recall)
     what = "built" if built.rebuilt else f"updated (+{built.added} -{built.removed})"
+    cal = built.calibration or {}
+    tail = (f"; nprobe {built.nprobe} (recall@{cal['k']} {cal['recall']} on {cal['queries']} held-out sample queries,"
+            f" target {cal['target']})" if cal.get("queries") else "")
     if not reporter.quiet:
-        reporter._line(f"index: {what} {built.path}: {built.rows} rows")  # noqa: SLF001
+        reporter._line(f"index: {what} {built.path}: {built.rows} rows{tail}")  # noqa: SLF001

@@ -24,14 +24,14 @@ from clipcli.cli.common import (
 )
 from clipcli.errors import UsageError
 
-VectorsArg = Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt) or .npz output.", show_default=False)]
+VectorsArg = Annotated[str, typer.Argument(help="A `batch` OUTDIR, or an .npy (with its .sources.txt), .npz, .json, .jsonl, .tsv or .parquet output.", show_default=False)]
 TopOpt = Annotated[int, typer.Option("--top", "-k", help="How many results (0: all, with --threshold).")]
 ThresholdOpt = Annotated[float | None, typer.Option(help="Only results with cosine ≥ this.")]
 OutFormatOpt = Annotated[str, typer.Option("--format", "-f", help="tsv (score<TAB>source) or jsonl.")]
 IndexOpt = Annotated[bool | None, typer.Option("--index/--no-index", help="Use the faiss index beside the vectors (default: when present and current).", show_default=False)]
-NprobeOpt = Annotated[int, typer.Option(help="Index lists visited per query (more: better recall, slower).")]
-ModelFlag = Annotated[str | None, typer.Option("--model", "-m", help="Only for an .npy without metadata: the model that made it (otherwise read from the vectors).")]
-FeatureFlag = Annotated[str | None, typer.Option(help="Only for an .npy without metadata: pooled or projected.")]
+NprobeOpt = Annotated[int | None, typer.Option(help="Index lists visited per query (more: better recall, slower). (default: the one `clipcli index` calibrated)", show_default=False)]
+ModelFlag = Annotated[str | None, typer.Option("--model", "-m", help="Only for an .npy/.jsonl/.tsv output (they record no settings): the model that made it (otherwise read from the vectors).")]
+FeatureFlag = Annotated[str | None, typer.Option(help="Only for an .npy/.jsonl/.tsv output: pooled or projected.")]
 ServerFlag = Annotated[bool | None, typer.Option("--server/--no-server", help="Embed queries through a running `clipcli serve` with the vectors' settings: --server requires one. (default: use one when it runs)", show_default=False)]
 
 
@@ -62,10 +62,13 @@ def check_format(fmt: str, top: int = 0) -> str:
 
 
 def ranked(vectors: Any, query: Any, k: int | None, *, threshold: float | None, use_index: bool | None,
-           nprobe: int, reporter: Reporter, exclude: int | None = None) -> list[Any]:
+           nprobe: int | None, reporter: Reporter, exclude: int | None = None) -> list[Any]:
     """Top-k by the index when one is present and current (saying so), else exact brute force."""
     from clipcli.vectors import index as ann
     from clipcli.vectors.scoring import top_k
+
+    if nprobe is not None and nprobe < 1:
+        raise UsageError(f"--nprobe {nprobe}: expected a number of lists (1 or more)")
 
     meta = ann.read_meta(vectors) if use_index is not False else None
     if use_index and meta is None:
@@ -86,7 +89,7 @@ def ranked(vectors: Any, query: Any, k: int | None, *, threshold: float | None, 
                     raise
                 note(reporter, f"search: not using the index: {exc}; exact search over {len(vectors)} rows")
             else:
-                note(reporter, f"search: used the faiss index {ann.index_paths(vectors)[0]} (nprobe {nprobe}; scores exact)")
+                note(reporter, f"search: used the faiss index {ann.index_paths(vectors)[0]} ({probe_note(meta, nprobe)}; scores exact)")
                 return hits
             return top_k(vectors.matrix, query, k, threshold=threshold, normalized=vectors.normalized, exclude=exclude)
         if use_index:
@@ -94,6 +97,19 @@ def ranked(vectors: Any, query: Any, k: int | None, *, threshold: float | None, 
         note(reporter, f"search: not using the index ({stale}); exact search over {len(vectors)} rows"
              + (f" (refresh it: clipcli index {vectors.path})" if "changed" in stale else ""))
     return top_k(vectors.matrix, query, k, threshold=threshold, normalized=vectors.normalized, exclude=exclude)
+
+
+def probe_note(meta: dict[str, Any], nprobe: int | None) -> str:
+    """What nprobe a search used and why (given, or calibrated with its measured recall)."""
+    from clipcli.vectors import index as ann
+
+    if nprobe:
+        return f"nprobe {nprobe}, from --nprobe"
+    cal = meta.get("calibration") or {}
+    if cal.get("queries"):
+        return (f"nprobe {ann.probes(meta)} of {meta.get('nlist')} lists, calibrated at build: recall@{cal.get('k')} "
+                f"{cal['recall']} on {cal.get('queries')} sample queries")
+    return f"nprobe {ann.probes(meta)}"
 
 
 def register(app: typer.Typer) -> None:
@@ -108,11 +124,14 @@ def register(app: typer.Typer) -> None:
         vector: Annotated[list[str] | None, typer.Option("--vector", help="A vector file (.npy/.npz/OUTDIR; several rows: their mean) to look for (repeatable).")] = None,
         negative: Annotated[list[str] | None, typer.Option("--negative", "-n", help="A text to look away from (repeatable).")] = None,
         negative_image: Annotated[list[str] | None, typer.Option("--negative-image", help="An image to look away from (repeatable).")] = None,
+        weighted_text: Annotated[list[str] | None, typer.Option("--weighted", metavar="W:TEXT", help="A text with weight W (negative: look away), e.g. --weighted '2:a red car' (repeatable).")] = None,
+        weighted_image: Annotated[list[str] | None, typer.Option("--weighted-image", metavar="W:PATH", help="An image file or URL with weight W, e.g. --weighted-image 0.5:query.jpg (repeatable).")] = None,
+        weighted_vector: Annotated[list[str] | None, typer.Option("--weighted-vector", metavar="W:FILE", help="A vector file with weight W (repeatable).")] = None,
         top: TopOpt = 10,
         threshold: ThresholdOpt = None,
         out_format: OutFormatOpt = "tsv",
         use_index: IndexOpt = None,
-        nprobe: NprobeOpt = 32,
+        nprobe: NprobeOpt = None,
         model: ModelFlag = None,
         feature: FeatureFlag = None,
         device: DeviceOpt = None,
@@ -125,11 +144,12 @@ def register(app: typer.Typer) -> None:
         """Rank the vectors by cosine to a query: score<TAB>source lines, best first.
 
         Queries are embedded with the model and settings that made VECTORS. Several queries
-        add up (unit vectors summed, then normalised); --negative ones are subtracted.
+        add up (unit vectors summed, then normalised); --negative ones are subtracted;
+        --weighted W:TEXT (and -image, -vector) scale a term by W.
 
         Example: clipcli search vectors/ "a red car" -k 5 | cut -f2
         """
-        from clipcli.vectors.queries import Query
+        from clipcli.vectors.queries import Query, weighted_term
 
         reporter = Reporter(quiet=quiet, verbose=verbose)
         with handle_errors(reporter):
@@ -137,8 +157,11 @@ def register(app: typer.Typer) -> None:
             terms = [Query("text", q) for q in queries or []] + [Query("image", q) for q in image or []]
             terms += [Query("vector", q) for q in vector or []]
             terms += [Query("text", q, True) for q in negative or []] + [Query("image", q, True) for q in negative_image or []]
-            if not any(not t.negative for t in terms):
-                raise UsageError("no query given (pass a text, --image PATH or --vector FILE)")
+            terms += [weighted_term("text", q) for q in weighted_text or []]
+            terms += [weighted_term("image", q) for q in weighted_image or []]
+            terms += [weighted_term("vector", q) for q in weighted_vector or []]
+            if not any(t.signed_weight > 0 for t in terms):
+                raise UsageError("no query given (pass a text, --image PATH or --vector FILE, or a positive --weighted term)")
             run_search(vectors, terms, settings_from(ctx, model=None, feature=None), reporter, k=top or None,
                        threshold=threshold, fmt=fmt, use_index=use_index, nprobe=nprobe, model=model,
                        feature=feature, server=server)
@@ -151,7 +174,7 @@ def register(app: typer.Typer) -> None:
         threshold: ThresholdOpt = None,
         out_format: OutFormatOpt = "tsv",
         use_index: IndexOpt = None,
-        nprobe: NprobeOpt = 32,
+        nprobe: NprobeOpt = None,
         verbose: VerboseOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
@@ -197,11 +220,11 @@ def find_row(vectors: Any, source: str) -> int:
 
 
 def run_search(vectors_path: str, terms: list[Any], base: Any, reporter: Reporter, *, k: int | None,
-               threshold: float | None, fmt: str, use_index: bool | None, nprobe: int, model: str | None,
+               threshold: float | None, fmt: str, use_index: bool | None, nprobe: int | None, model: str | None,
                feature: str | None, server: bool | None) -> None:
     """Open, embed the query terms, rank, write."""
     from clipcli.vectors.queries import embed_queries
-    from clipcli.vectors.scoring import combine
+    from clipcli.vectors.scoring import weighted
     from clipcli.vectors.store import open_vectors
 
     if k is None and threshold is None:
@@ -209,11 +232,12 @@ def run_search(vectors_path: str, terms: list[Any], base: Any, reporter: Reporte
     vs = open_vectors(vectors_path)
     embedded = embed_queries(vs, terms, base, model=model, feature=feature, server=server, info=reporter.info)
     reporter.info(f"queries embedded {embedded.via}")
-    pos = [v for v, t in zip(embedded.vectors, terms) if not t.negative]
-    neg = [v for v, t in zip(embedded.vectors, terms) if t.negative]
     for vec in embedded.vectors:
         if vec.shape[-1] != vs.dim:
             raise UsageError(f"the query has {vec.shape[-1]} dimensions, {vs.path} has {vs.dim}")
-    query = combine(pos, neg)
+    try:
+        query = weighted(embedded.vectors, [t.signed_weight for t in terms])
+    except ValueError as exc:
+        raise UsageError(f"{exc}: nothing to rank by (change the weights or the terms)") from None
     hits = ranked(vs, query, k, threshold=threshold, use_index=use_index, nprobe=nprobe, reporter=reporter)
     write_hits(vs, hits, fmt)

@@ -24,11 +24,37 @@ MODALITY = {"text": "text", "image": "image"}
 
 @dataclass(frozen=True)
 class Query:
-    """One query term: ``kind`` text, image or vector; ``value`` the text, path/URL or file."""
+    """One query term: ``kind`` text, image or vector; ``value`` the text, path/URL or file;
+    ``weight`` its share of the combined query (``negative`` flips its sign)."""
 
     kind: str
     value: str
     negative: bool = False
+    weight: float = 1.0
+
+    @property
+    def signed_weight(self) -> float:
+        return -self.weight if self.negative else self.weight
+
+
+def weighted_term(kind: str, spec: str) -> Query:
+    """``W:TERM`` (``--weighted 2:"a dog"``, ``--weighted-image -0.5:grass.jpg``) as a Query.
+
+    Only the text before the first colon is the weight, so TERM may hold colons (``2:a:b``);
+    the flag itself says a weight comes, so no plain text or path is ever read as one.
+    """
+    import math
+
+    flag = {"text": "--weighted", "image": "--weighted-image", "vector": "--weighted-vector"}[kind]
+    head, sep, value = spec.partition(":")
+    try:
+        weight = float(head)
+    except ValueError:
+        weight = float("nan")
+    if not sep or not value or not math.isfinite(weight) or weight == 0:
+        raise UsageError(f"{flag} {spec!r}: expected WEIGHT:{kind.upper()} with a non-zero number, e.g. {flag} 2:"
+                         + ('"a dog"' if kind == "text" else "photo.jpg" if kind == "image" else "query.npz"))
+    return Query(kind, value, weight=weight)
 
 
 @dataclass
@@ -87,7 +113,7 @@ def query_settings(vectors: VectorSet, base: Any, kind: str, *, model: str | Non
         # A plain .npy records nothing; the user must say how it was made.
         if model is None or feature is None:
             raise UsageError(
-                f"{vectors.path} records no model settings (a plain .npy has none): pass --model and "
+                f"{vectors.path} records no model settings (a plain .npy, .jsonl or .tsv output has none): pass --model and "
                 "--feature as used to make it, or search a batch OUTDIR or .npz, which record them"
             )
         return base.replace(model=model, feature=feature)

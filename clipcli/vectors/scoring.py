@@ -37,12 +37,18 @@ def unit(vectors: np.ndarray) -> np.ndarray:
 
 
 def combine(positive: list[np.ndarray], negative: list[np.ndarray]) -> np.ndarray:
-    """One unit query from weighted queries: sum of unit positives minus sum of unit negatives."""
-    total = np.zeros(positive[0].shape[-1] if positive else negative[0].shape[-1], dtype=np.float64)
-    for vec in positive:
-        total += unit(vec)[0]
-    for vec in negative:
-        total -= unit(vec)[0]
+    """One unit query: sum of unit positives minus sum of unit negatives, normalised."""
+    return weighted([*positive, *negative], [1.0] * len(positive) + [-1.0] * len(negative))
+
+
+def weighted(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """One unit query: ``unit(Σ wᵢ · unit(vᵢ))`` (float64 sum). ValueError when the terms
+    cancel out (a zero vector ranks nothing)."""
+    total = np.zeros(vectors[0].shape[-1], dtype=np.float64)
+    for vec, w in zip(vectors, weights):
+        total += float(w) * unit(vec)[0].astype(np.float64)
+    if not np.linalg.norm(total) > 1e-6:
+        raise ValueError("the query terms cancel out")
     return unit(total)[0]
 
 

@@ -80,7 +80,7 @@ class VectorSet:
     matrix: np.ndarray
     sources: Sources
     metadata: dict[str, Any] = field(default_factory=dict)
-    kind: str = "npy"  # outdir, npy or npz
+    kind: str = "npy"  # outdir, npy, npz, json, jsonl, tsv or parquet
 
     def __len__(self) -> int:
         return int(self.matrix.shape[0])
@@ -107,16 +107,14 @@ def open_vectors(path: str | Path) -> VectorSet:
     try:
         if p.is_dir():
             return _open_outdir(p)
-        suffix = p.suffix.lower()
-        if suffix == ".npy":
-            return _open_npy(p)
-        if suffix == ".npz":
-            return _open_npz(p)
+        reader = READERS.get(p.suffix.lower())
+        if reader is not None:
+            return reader(p)
     except PermissionError:
         raise UsageError(f"vectors {p}: permission denied") from None
     raise UsageError(
         f"vectors {p}: not a clipcli output (expected a batch OUTDIR, or an .npy with its "
-        ".sources.txt, or an .npz)"
+        ".sources.txt, an .npz, or a .json/.jsonl/.tsv/.parquet output)"
     )
 
 
@@ -180,6 +178,30 @@ def _open_npy(p: Path) -> VectorSet:
     return VectorSet(p, matrix, sources, {}, "npy")
 
 
+def _open_text(p: Path) -> VectorSet:
+    """A .json/.jsonl/.tsv output, parsed into memory (text cannot be mapped)."""
+    from clipcli.vectors.text_outputs import read_text_output
+
+    kind = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".tsv": "tsv"}[p.suffix.lower()]
+    try:
+        matrix, sources, metadata = read_text_output(p, kind)
+    except IsADirectoryError:
+        raise UsageError(f"vectors {p}: a directory, not a {kind} output") from None
+    except OSError as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        raise UsageError(f"vectors {p}: cannot read it ({exc.strerror or exc})") from None
+    return VectorSet(p, matrix, Sources(array=np.array(sources, dtype=object)), metadata, kind)
+
+
+def _open_parquet(p: Path) -> VectorSet:
+    """A .parquet output (needs pyarrow, the optional ``clipcli[parquet]``)."""
+    from clipcli.vectors.parquet_input import read_parquet_output
+
+    matrix, sources, metadata = read_parquet_output(p)
+    return VectorSet(p, matrix, Sources(array=np.array(sources, dtype=object)), metadata, "parquet")
+
+
 def _open_npz(p: Path) -> VectorSet:
     try:
         with zipfile.ZipFile(p) as archive:
@@ -223,3 +245,9 @@ def _member(p: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray:
     if int(np.prod(shape)) == 0:
         return np.zeros(shape, dtype=dtype)
     return np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+# Output files by extension: the extension point for another writer's format (a reader
+# returning a VectorSet); nothing else in search/dedup/index depends on the kind of file.
+READERS = {".npy": _open_npy, ".npz": _open_npz, ".json": _open_text, ".jsonl": _open_text, ".ndjson": _open_text,
+           ".tsv": _open_text, ".parquet": _open_parquet}
