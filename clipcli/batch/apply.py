@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipcli.batch import readers
-from clipcli.batch.consolidate import _RowFile, fixed_header, write_outputs
+from clipcli.batch.consolidate import fixed_header, open_rows, write_outputs
 from clipcli.batch.index_db import IndexDB, key, version_columns
 from clipcli.batch.layout import Layout, RowRef, State, same_version, sort_key
 from clipcli.batch.storage import ensure_space, fsync_dir, pause_at, unlink
 from clipcli.batch.verify import read_npy_header
-from clipcli.errors import UsageError, storage_error
+from clipcli.errors import storage_error
 from clipcli.sources import utf8_safe
 from clipcli.writers import escape_line
 
@@ -305,12 +305,7 @@ def apply_redo(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
 
 
 def _shard_rows(path: Path, rows: list[int]) -> np.ndarray:
-    try:
-        array = _RowFile(path)
-    except OSError as exc:
-        raise storage_error(path, exc, doing="read") from None
-    except (ValueError, EOFError) as exc:
-        raise UsageError(f"{path} is damaged ({exc}); run clipcli batch check --repair on its directory") from None
+    array = open_rows(path)
     try:
         return array[np.asarray(rows)]
     except OSError as exc:

@@ -174,6 +174,17 @@ class _RowFile:
         self.handle.close()
 
 
+def open_rows(path: Path) -> _RowFile:
+    """A shard's rows for reading; an unreadable file is a StorageError (exit 5), a damaged one
+    a UsageError that points to ``batch check --repair``."""
+    try:
+        return _RowFile(path)
+    except OSError as exc:
+        raise storage_error(path, exc, doing="read") from None
+    except (ValueError, EOFError) as exc:
+        raise UsageError(f"{path} is damaged ({exc}); run clipcli batch check --repair on its directory") from None
+
+
 class _Maps:
     """The input arrays (read with pread), the most recently used few kept open."""
 
@@ -187,12 +198,7 @@ class _Maps:
             self._open.move_to_end(number)
             return self._open[number]
         path = self.arrays[number]
-        try:
-            array = _RowFile(path)
-        except OSError as exc:
-            raise storage_error(path, exc, doing="read") from None
-        except (ValueError, EOFError) as exc:
-            raise UsageError(f"{path} is damaged ({exc}); run clipcli batch check --repair on its directory") from None
+        array = open_rows(path)
         if array.shape[1] != self.dim:
             array.close()
             raise UsageError(f"{path} has shape {array.shape}, expected {self.dim} columns")
