@@ -30,20 +30,22 @@ def read_parquet_output(p: Path) -> tuple[np.ndarray, list[str], dict[str, Any]]
         if "source" not in names or "embedding" not in names:
             raise UsageError(f"vectors {p}: a Parquet file without source and embedding columns is not a clipcli output")
         sources: list[str] = []
-        blocks: list[np.ndarray] = []
+        matrix: np.ndarray | None = None  # allocated once from the first group: no list of blocks to concatenate
         for group in range(reader.num_row_groups):
             table = reader.read_row_group(group, columns=["source", "embedding"])
             column = table.column("embedding").combine_chunks()
             width = getattr(column.type, "list_size", None)
             if width is None or column.null_count:
                 raise UsageError(f"vectors {p}: its embedding column is not a fixed-size list of numbers")
-            values = column.flatten().to_numpy(zero_copy_only=False)
-            blocks.append(np.asarray(values).reshape(-1, width))
+            block = np.asarray(column.flatten().to_numpy(zero_copy_only=False)).reshape(-1, width)
+            if matrix is None:
+                matrix = np.empty((reader.metadata.num_rows, width), dtype=block.dtype)
+            matrix[len(sources):len(sources) + len(block)] = block
             sources.extend(table.column("source").to_pylist())
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         if isinstance(exc, PermissionError):
             raise
         raise UsageError(f"vectors {p}: not a readable Parquet file ({str(exc).splitlines()[0][:160]})") from None
-    if not blocks:
+    if matrix is None or not sources:
         raise UsageError(f"vectors {p}: holds no rows")
-    return (np.concatenate(blocks) if len(blocks) > 1 else blocks[0]), sources, metadata
+    return matrix, sources, metadata
