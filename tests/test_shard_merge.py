@@ -223,3 +223,47 @@ def test_directory_named_merge_is_still_an_input(tiny_model: str, tmp_path: Path
     assert result_of(tmp_path / "out")[1] == ["merge/a.png"]
     result = cli("merge", "-o", "x")  # merge with no OUTDIR: a usage error from the merge command
     assert result.exit_code == 2
+
+
+def test_empty_and_all_failed_parts_still_write_loadable_outputs(tiny_model: str, tmp_path: Path) -> None:
+    """A part that owns no source, or only bad ones, still leaves a (0, dim) embeddings.npy and an
+    empty sources.txt (plain np.load works; merge takes it). This was a CI failure whenever the
+    random tmp path made one of three parts own nothing but broken.jpg."""
+    folder = tmp_path / "few"
+    folder.mkdir()
+    make_image(folder / "a.png", (30, 36), seed=1)
+    (folder / "bad.jpg").write_text("no image")
+    n = 4
+    owners = {shard_of(str(folder / name), n) for name in ("a.png", "bad.jpg")}
+    empty = next(i for i in range(1, n + 1) if i not in owners)
+    bad_only = shard_of(str(folder / "bad.jpg"), n)
+    parts = run_parts(folder, tmp_path, tiny_model, n)
+    dim = None
+    for i, out in enumerate(parts, start=1):
+        matrix = np.load(out / "embeddings.npy")  # plain numpy, no clipcli reader
+        lines = (out / "sources.txt").read_text().splitlines()
+        assert matrix.shape[0] == len(lines) and manifest(out)["status"] == "complete"
+        dim = matrix.shape[1] if dim is None else dim
+        assert matrix.shape[1] == dim == manifest(out)["dim"]
+        if i == empty or (i == bad_only and bad_only != shard_of(str(folder / "a.png"), n)):
+            assert matrix.shape == (0, dim) and lines == []
+    merged = tmp_path / "merged"
+    assert cli("merge", *map(str, parts), "-o", str(merged), "-q").exit_code == 0
+    single = tmp_path / "single"
+    assert cli(str(folder), "-o", str(single), "-m", tiny_model, "-q").exit_code == 1
+    np.testing.assert_allclose(result_of(merged)[0], result_of(single)[0], atol=1e-6, rtol=0)
+    assert result_of(merged)[1] == result_of(single)[1] == [str(folder / "a.png")]
+
+    only_bad = tmp_path / "only-bad"
+    only_bad.mkdir()
+    (only_bad / "x.jpg").write_text("no image")
+    out = tmp_path / "out-bad"
+    assert cli(str(only_bad), "-o", str(out), "-m", tiny_model, "-q").exit_code == 1
+    assert np.load(out / "embeddings.npy").shape == (0, dim)
+    assert (out / "sources.txt").read_text() == ""
+    # A later run that finds a good file fills the same OUTDIR in place.
+    make_image(only_bad / "y.png", (30, 36), seed=3)
+    assert cli(str(only_bad), "-o", str(out), "-m", tiny_model, "-q").exit_code == 1  # x.jpg still bad
+    assert np.load(out / "embeddings.npy").shape == (1, dim)
+    assert (out / "sources.txt").read_text() == str(only_bad / "y.png") + "\n"
+    assert cli("check", str(out)).exit_code == 0

@@ -139,7 +139,11 @@ def update(
     total = slots + len(appends)
     full = compact or slots == 0 or dead > COMPACT_RATIO * total or not _fits(layout, total, dim, dtype)
     changed = bool(puts or appends or tombstones)
-    if changed or new_shards or compact:
+    # A run that embeds nothing (an empty shard, only bad files) still leaves a loadable
+    # (0, dim) embeddings.npy and an empty sources.txt: the contract holds for every OUTDIR.
+    missing = not (layout.embeddings_path.exists() and layout.sources_path.exists())
+    full = full or missing
+    if changed or new_shards or compact or missing:
         # Refuse a full disk before index.sqlite records anything: the outputs, the index and
         # the manifest then all stay as they were (exit 5).
         row_bytes = dim * np.dtype(dtype).itemsize
