@@ -9,8 +9,8 @@ lock (:mod:`clipcli.batch.readers`). Each write is idempotent (a row's bytes com
 shard; ``sources.txt`` is cut back to its recorded size before the append), so an update that a
 ``kill -9`` stopped is simply done again by the next run (:func:`recover`).
 
-A full rewrite (:func:`rewrite`: every live row, sorted by source, streamed from the shards into
-new files, then renamed) happens on the first run, on ``--compact`` / ``batch compact``, when
+A full rewrite (:func:`clipcli.batch.rewrite.rewrite`: every live row, sorted by source,
+streamed into new files, then renamed) happens on the first run, on ``--compact`` / ``batch compact``, when
 tombstones pass :data:`COMPACT_RATIO` of the rows, or when the grown shape would not fit the
 ``.npy`` header. Its temporary files are complete and fsynced before index.sqlite records them
 (``compact_pending``) together with the renumbered rows; a kill between the renames is finished
@@ -27,27 +27,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from clipcli.batch import readers
-from clipcli.batch.consolidate import fixed_header, open_rows, write_outputs
+from clipcli.batch.rewrite import rewrite, source_line
+from clipcli.batch.consolidate import fixed_header, open_rows
 from clipcli.batch.index_db import IndexDB, key, version_columns
 from clipcli.batch.layout import Layout, RowRef, State, same_version, sort_key
 from clipcli.batch.storage import ensure_space, fsync_dir, pause_at, unlink
 from clipcli.batch.verify import read_npy_header
 from clipcli.errors import storage_error
-from clipcli.sources import utf8_safe
-from clipcli.writers import escape_line
 
 if TYPE_CHECKING:
     from clipcli.batch.options import RunResult
     from clipcli.batch.plan import Plan
 
 COMPACT_RATIO = 0.10  # rewrite everything once tombstones pass this share of embeddings.npy's rows
-HEADER_BYTES = 128  # fixed .npy header: room for any (rows, dim) shape, so rows can be appended in place
 _DB_MARGIN = 1 << 20  # room the index.sqlite transaction (and its journal) may need
-_NULL = -1  # arrays key of rows that only embeddings.npy holds (migrated, no shard behind them)
-
-
-def source_line(source: str) -> str:
-    return utf8_safe(escape_line(source))
 
 
 def problems(layout: Layout, db: IndexDB, dim: int, dtype: str) -> list[str]:
@@ -316,55 +309,6 @@ def _shard_rows(path: Path, rows: list[int]) -> np.ndarray:
         raise storage_error(path, exc, doing="read") from None
     finally:
         array.close()
-
-
-def rewrite(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
-    """Write every live row, sorted by source, into new embeddings.npy and sources.txt (streamed
-    from the shards), renumber index.sqlite and drop the tombstones; see the module docstring."""
-    pause_at("compact-start")
-    keyed: list[tuple[tuple[Any, ...], bytes, RowRef]] = []
-    arrays: dict[int, Path] = {_NULL: layout.embeddings_path}
-    for source, row, shard, shard_row, record in db.live(order="source"):
-        if shard is None:
-            ref = RowRef(_NULL, row, source_line(source))
-        else:
-            arrays.setdefault(shard, layout.npy(shard))
-            ref = RowRef(shard, shard_row, source_line(source))
-        keyed.append((sort_key(record), key(source), ref))
-    keyed.sort(key=lambda item: item[0])
-    selection = [ref for _, _, ref in keyed]
-    lock: list[Any] = []
-
-    def record_renames(pairs: list[tuple[Path, Path]]) -> None:
-        pause_at("compact")
-        db.begin()
-        try:
-            db.many("UPDATE rows SET row = ? WHERE source = ?", ((n, k) for n, (_, k, _) in enumerate(keyed)))
-            db.run("DELETE FROM dead")
-            db.run("DELETE FROM redo")
-            db.set("redo_from", None)
-            db.set("redo_lines", None)
-            db.set("slots", len(selection))
-            db.set("sources_bytes", sum(len((ref.line + "\n").encode("utf-8")) for ref in selection))
-            db.set("rewrite_pending", None)
-            db.set("compact_pending", [[str(tmp), str(target)] for tmp, target in pairs])
-            db.commit()
-        except BaseException:
-            db.rollback()
-            raise
-        context = readers.writing(layout.root)
-        context.__enter__()
-        lock.append(context)
-
-    try:
-        write_outputs(
-            selection, dim, dtype, arrays=arrays, targets=(layout.embeddings_path, layout.sources_path, None),
-            source_line=lambda ref: ref.line, header_bytes=HEADER_BYTES, before_renames=record_renames,
-        )
-    finally:
-        for context in lock:
-            context.__exit__(None, None, None)
-    db.set("compact_pending", None)
 
 
 def drop_unreferenced(layout: Layout, db: IndexDB) -> None:

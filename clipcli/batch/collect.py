@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import heapq
 import io
 import json
 import os
@@ -57,16 +58,56 @@ class TextRecord:
 
 @dataclass
 class Collection:
-    """Sources found (sorted, unique), plus inputs that failed while collecting and warnings."""
+    """Sources found (sorted, unique), plus inputs that failed while collecting and warnings.
+
+    Image directories are not listed up front: :meth:`iter_images` walks them lazily, in the
+    order of the full path, and merges them with the sources named one by one (``listed``), so
+    a run over a million-file folder holds no list of its paths. Walk failures (an unlistable
+    directory) join ``failures`` as the walk meets them: read ``failures`` after iterating.
+    """
 
     modality: str  # "image" or "text"
-    images: list[str] = field(default_factory=list)
+    listed: list[str] = field(default_factory=list)  # images named one by one (files, URLs, lists), sorted
+    roots: list[str] = field(default_factory=list)  # directories, walked by iter_images()
     texts: list[TextRecord] = field(default_factory=list)
     failures: list[Failed] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    _walk_failures: list[Failed] = field(default_factory=list, repr=False)
+
+    def iter_images(self) -> Iterator[str]:
+        """Every image source, sorted by code point (= index.sqlite's key order) and unique,
+        streamed; each pass walks the directories again and renews their failures."""
+        for failure in self._walk_failures:
+            self.failures.remove(failure)
+        self._walk_failures = []
+        seen_dirs: set[tuple[int, int]] = set()
+        walks = [walk_sorted(root, self._walk_failures, seen_dirs) for root in self.roots]
+        if not walks or (len(walks) == 1 and not self.listed):
+            # One sorted stream of unique paths (the cron case: one folder): no merge needed.
+            yield from walks[0] if walks else self.listed
+        else:
+            previous = None
+            for source in heapq.merge(self.listed, *walks):
+                if source != previous:
+                    previous = source
+                    yield source
+        self.failures.extend(self._walk_failures)
+
+    @property
+    def images(self) -> list[str]:
+        """All image sources as a list (small collections and tests; runs use iter_images())."""
+        return list(self.iter_images())
+
+    def is_empty(self) -> bool:
+        """No source and no failure (walks stop at the first image found)."""
+        if self.modality == "text":
+            return not self.texts and not self.failures
+        if self.listed or self.failures:
+            return False
+        return next(self.iter_images(), None) is None and not self.failures
 
     def __len__(self) -> int:
-        return len(self.images) if self.modality == "image" else len(self.texts)
+        return sum(1 for _ in self.iter_images()) if self.modality == "image" else len(self.texts)
 
 
 # --------------------------------------------------------------------------- images
@@ -78,17 +119,18 @@ def is_image_name(name: str) -> bool:
 
 def collect_images(inputs: Sequence[str], from_files: Sequence[str] = (), stdin: TextIO | None = None,
                    listed: Iterable[str] = ()) -> Collection:
-    """Expand image inputs into a sorted list of unique sources (``listed``: list-file lines)."""
+    """Expand image inputs into a Collection (``listed``: list-file lines); directories are
+    kept as roots and walked when the Collection is iterated."""
     out = Collection("image")
     found: set[str] = set()
-    seen_dirs: set[tuple[int, int]] = set()
+    roots: list[str] = []
     from clipcli.tar_input import expand_arg  # formats: {00000..00099} expanded here, not by a shell
 
     for arg in inputs:
         if arg == "-":
             raise UsageError("use --from-file - to read a list of images from stdin")
         for name in expand_arg(arg):
-            _add(name, found, out, seen_dirs, glob_ok=True)
+            _add(name, found, out, roots, glob_ok=True)
     stdin_used = False
     for list_path in from_files:
         if list_path == "-":
@@ -96,10 +138,11 @@ def collect_images(inputs: Sequence[str], from_files: Sequence[str] = (), stdin:
                 continue
             stdin_used = True
         for line in _list_lines(list_path, stdin):
-            _add(line, found, out, seen_dirs, glob_ok=False)
+            _add(line, found, out, roots, glob_ok=False)
     for line in listed:  # formats: a --from-table column's cells (clipcli.tables)
-        _add(line, found, out, seen_dirs, glob_ok=False)
-    out.images = sorted(found)
+        _add(line, found, out, roots, glob_ok=False)
+    out.listed = sorted(found)
+    out.roots = list(dict.fromkeys(roots))
     return out
 
 
@@ -121,7 +164,7 @@ def _list_lines(list_path: str, stdin: TextIO | None) -> Iterator[str]:
             yield line
 
 
-def _add(arg: str, found: set[str], out: Collection, seen_dirs: set[tuple[int, int]], *, glob_ok: bool) -> None:
+def _add(arg: str, found: set[str], out: Collection, roots: list[str], *, glob_ok: bool) -> None:
     if is_url(arg) or has_url_scheme(arg):
         found.add(arg)  # other schemes fail in the loader with a clear reason
         return
@@ -131,7 +174,7 @@ def _add(arg: str, found: set[str], out: Collection, seen_dirs: set[tuple[int, i
 
         found.update(image_refs(path, lambda where, reason: out.failures.append(Failed(where, "read", reason))))
     elif os.path.isdir(path):
-        found.update(walk_images(path, out, seen_dirs))
+        roots.append(path)
     elif os.path.lexists(path):
         found.add(path)
     elif glob_ok and _GLOB_CHARS & set(arg):
@@ -141,11 +184,74 @@ def _add(arg: str, found: set[str], out: Collection, seen_dirs: set[tuple[int, i
         for match in matches:
             match = os.path.normpath(match)
             if os.path.isdir(match):
-                found.update(walk_images(match, out, seen_dirs))
+                roots.append(match)
             else:
                 found.add(match)
     else:
         out.failures.append(Failed(path, "read", "no such file or directory"))
+
+
+def walk_sorted(root: str, failures: list[Failed], seen_dirs: set[tuple[int, int]]) -> Iterator[str]:
+    """Image files under ``root`` in code point order of their full path, streamed (memory:
+    one listing per directory level). Follows symlinks but never enters a directory twice.
+
+    A directory's entries are sorted with ``/`` appended to subdirectory names, so that
+    ``a/sub.png`` < ``a/sub/x.png`` < ``a/sub0.png`` holds exactly as for the whole strings.
+    """
+    stack: list[Iterator[tuple[str, str, bool]]] = []
+    listing = _sorted_listing(root, failures, seen_dirs)
+    if listing is None:
+        return
+    stack.append(iter(listing))
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        _, path, is_dir = entry
+        if not is_dir:
+            yield path
+            continue
+        listing = _sorted_listing(path, failures, seen_dirs)
+        if listing is not None:
+            stack.append(iter(listing))
+
+
+def _sorted_listing(dirpath: str, failures: list[Failed], seen_dirs: set[tuple[int, int]]) -> list[tuple[str, str, bool]] | None:
+    """(sort key, path, is a directory) of a directory's visible subdirectories and image
+    files, sorted; None for a directory already walked or gone (an unlistable one is a failure)."""
+    try:
+        st = os.stat(dirpath)
+    except OSError:
+        return None
+    ident = (st.st_dev, st.st_ino)
+    if ident in seen_dirs:  # a symlink loop, or a second path to a directory already walked
+        return None
+    seen_dirs.add(ident)
+    entries: list[tuple[str, str, bool]] = []
+    prefix = dirpath if dirpath.endswith("/") else dirpath + "/"  # os.path.join, without its per-call cost
+    try:
+        with os.scandir(dirpath) as it:
+            for entry in it:
+                name = entry.name
+                if name[0] == ".":
+                    continue
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    entries.append((name + "/", prefix + name, True))
+                else:
+                    dot = name.rfind(".")
+                    if dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS:  # is_image_name, inlined
+                        entries.append((name, prefix + name, False))
+    except OSError as exc:
+        where = exc.filename or dirpath
+        failures.append(Failed(str(where), "read", f"cannot list directory: {(exc.strerror or str(exc)).lower()}"))
+        return None
+    entries.sort()
+    return entries
 
 
 def walk_images(root: str, out: Collection, seen_dirs: set[tuple[int, int]]) -> Iterator[str]:

@@ -80,7 +80,7 @@ def write_outputs(
         files.append(matrix)
         h = hashlib.sha256(header)
         matrix.write(header)
-        maps = _Maps(arrays, dim)
+        maps = Maps(arrays, dim)
         try:
             for start in range(0, n, COPY_ROWS):
                 chunk = selection[start : start + COPY_ROWS]
@@ -185,7 +185,7 @@ def open_rows(path: Path) -> _RowFile:
         raise UsageError(f"{path} is damaged ({exc}); run clipcli batch check --repair on its directory") from None
 
 
-class _Maps:
+class Maps:
     """The input arrays (read with pread), the most recently used few kept open."""
 
     def __init__(self, arrays: Mapping[int, Path], dim: int) -> None:

@@ -130,7 +130,7 @@ def rebuild_index(layout: Layout, manifest: dict[str, Any]) -> int:
     """``batch check --repair`` of a missing or damaged index.sqlite: a new one from the latest
     row of every source the shards hold, and the outputs rewritten from them (sorted). Rows no
     shard holds any more are embedded again by the next run. Returns the rows kept."""
-    from clipcli.batch.apply import rewrite
+    from clipcli.batch.rewrite import rewrite
     from clipcli.batch.layout import sort_key
 
     path = index_path(layout)

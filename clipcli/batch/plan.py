@@ -90,35 +90,33 @@ class Plan:
         return self.found + len(self.failures)
 
 
-def make_plan(
-    db: IndexDB, modality: str, found: Iterable[tuple[str, dict[str, Any], TextRecord | None]],
-    latest: dict[str, RowRef], failures: list[Failed],
-) -> Plan:
-    """Compare the sources found now with index.sqlite (a join in SQLite: no per-row Python
-    objects for the sources that did not change) and with rows of shards not yet applied.
+# One source as found now: (source, size, mtime_ns, sha256, unreadable 0/1, text record or None).
+Found = tuple[str, Any, Any, Any, int, "TextRecord | None"]
 
-    ``found`` yields (source, index record, text record or None) in collection order.
-    """
-    from clipcli.batch.index_db import key
+
+def make_plan(db: IndexDB, modality: str, found: Iterable[Found], latest: dict[str, RowRef], failures: list[Failed]) -> Plan:
+    """Compare the sources found now with index.sqlite (a merge join, see
+    :meth:`IndexDB.compare`: no per-row Python objects for the sources that did not change)
+    and with rows of shards not yet applied. ``found`` is in collection order."""
+    from clipcli.batch.index_db import key, unkey
     from clipcli.batch.layout import same_version
 
     kept: dict[int, TextRecord] = {}
-    sources: list[str] = []
     watch = {key(s) for s in latest}  # rows in shards not yet applied: are their sources still here?
 
     def rows() -> Iterator[tuple[Any, ...]]:
-        for pos, (source, record, text) in enumerate(found):
-            sources.append(source)
+        # Nothing per source is kept beyond this tuple (a million-row no-op holds no list of
+        # paths): the changed ones come back from compare() with their key.
+        for pos, (source, size, mtime_ns, sha256, unreadable, text) in enumerate(found):
             if text is not None:
                 kept[pos] = text
-            yield (pos, key(source), record.get("size"), record.get("mtime_ns"), record.get("sha256"),
-                   int(bool(record.get("unreadable"))))
+            yield key(source), size, mtime_ns, sha256, unreadable
 
-    changes, gone, seen = db.compare(rows(), watch)
+    changes, gone, seen, found_count = db.compare(rows(), watch)
     todo: list[Item] = []
     pending_ok: set[str] = set()
-    for pos, size, mtime_ns, sha256, unreadable in changes:
-        source = sources[pos]
+    for pos, blob, size, mtime_ns, sha256, unreadable in changes:
+        source = unkey(blob)
         text = kept.get(pos)
         if text is not None:
             record = text.record()
@@ -139,9 +137,25 @@ def make_plan(
     deleted = sorted({*gone, *(s for s in latest if s not in in_db and key(s) not in seen and db.lookup(s) is None)})
     changed = len(todo) + len(pending_ok)
     return Plan(
-        modality, len(sources), todo, len(sources) - changed + len(pending_ok), deleted, failures,
+        modality, found_count, todo, found_count - changed + len(pending_ok), deleted, failures,
         pending_ok=pending_ok, dropped=len(gone), existing=db.count("rows"),
     )
+
+
+def file_version(source: str, *, hashed: bool) -> tuple[Any, Any, Any, int]:
+    """(size, mtime_ns, sha256, unreadable) of an image source now: :func:`file_record`
+    without a dict, on the per-file path of a million-file no-op run."""
+    if ":" in source:  # URLs and tar samples (and the odd local name with a colon)
+        r = file_record(source, hashed=hashed)
+        return r.get("size"), r.get("mtime_ns"), r.get("sha256"), int(bool(r.get("unreadable")))
+    try:
+        st = os.stat(source)
+    except OSError:
+        return None, None, None, 1
+    if not hashed:
+        return st.st_size, st.st_mtime_ns, None, 0
+    digest = sha256_of_file(source)
+    return st.st_size, st.st_mtime_ns, digest, 0 if digest is not None else 1
 
 
 def file_record(source: str, *, hashed: bool) -> dict[str, Any]:

@@ -32,8 +32,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,13 +42,12 @@ from clipcli.batch.collect import Collection
 from clipcli.batch.layout import LAYOUT_VERSION, ErrorLog, Layout, State
 from clipcli.batch.lock import OutputLock
 from clipcli.batch.options import DEFAULT_SHARD_SIZE, BatchOptions, Engine, Events, RunResult
-from clipcli.batch.plan import Item, Plan, file_record, make_plan, now_iso, parse_shard, shard_label, shard_of
+from clipcli.batch.plan import Found, Item, Plan, file_version, make_plan, now_iso, parse_shard, shard_label, shard_of
 from clipcli.batch.space import INFO_KEYS, SPACE_KEYS, check_request, check_space, describe_differences
 from clipcli.errors import StorageError, UsageError
 from clipcli.pipeline import Failed
 
 if TYPE_CHECKING:
-    from clipcli.batch.collect import TextRecord
     from clipcli.batch.index_db import IndexDB
     from clipcli.encoder import Encoder
     from clipcli.pipeline import ImageLoader
@@ -103,27 +103,38 @@ class BatchRunner:
         shard = self.options.shard
         return shard is None or shard_of(source, shard[1]) == shard[0]
 
-    def _found(self) -> Iterator[tuple[str, dict[str, Any], TextRecord | None]]:
-        """The sources of this run as (source, record, text), streamed (a stat each, no list)."""
+    def _found(self) -> Iterator[Found]:
+        """The sources of this run as (source, size, mtime_ns, sha256, unreadable, text),
+        streamed: a stat each, no list and no dict per source."""
         if self.collection.modality == "text":
             for t in self.collection.texts:
                 if self._mine(t.source):
-                    yield t.source, {"sha256": t.sha256}, t
+                    yield t.source, None, None, t.sha256, 0, t
             return
-        sources = (s for s in self.collection.images if self._mine(s))
+        images = self.collection.iter_images()
+        sources = images if self.options.shard is None else (s for s in images if self._mine(s))
         if not self.options.hash:
             for s in sources:
-                yield s, file_record(s, hashed=False), None
+                yield (s, *file_version(s, hashed=False), None)
             return
-        # Hashing reads every file: overlap it over threads (hashlib releases the GIL).
+        # Hashing reads every file: overlap it over threads (hashlib releases the GIL), with a
+        # bounded window of files in flight (Executor.map would queue the whole collection).
         workers = self.options.workers or min(16, 2 * (os.cpu_count() or 2))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipcli-hash") as pool:
-            for record in pool.map(lambda s: file_record(s, hashed=True), sources):
-                yield record["source"], record, None
+            window: deque[tuple[str, Future[tuple[Any, Any, Any, int]]]] = deque()
+            for s in sources:
+                window.append((s, pool.submit(file_version, s, hashed=True)))
+                if len(window) >= 8 * workers:
+                    source, future = window.popleft()
+                    yield (source, *future.result(), None)
+            while window:
+                source, future = window.popleft()
+                yield (source, *future.result(), None)
 
     def _plan(self, state: State, db: IndexDB) -> Plan:
-        failures = [f for f in self.collection.failures if self._mine(f.source)]
-        plan = make_plan(db, self.collection.modality, self._found(), state.latest, failures)
+        plan = make_plan(db, self.collection.modality, self._found(), state.latest, [])
+        # After the walk: an unlistable directory is a failure found while walking.
+        plan.failures = [f for f in self.collection.failures if self._mine(f.source)]
         plan.refusal = self._deletion_refusal(plan)
         return plan
 

@@ -65,7 +65,7 @@ HELP = """Embed a whole collection into OUTDIR, resumably and incrementally.
 
 Rerunning the same command embeds only what is new or changed, continues after a crash or Ctrl-C, and never mixes settings. OUTDIR ends with embeddings.npy (row i <-> line i of sources.txt; sorted by source on the first run, then changed rows rewritten in place, new rows appended, deleted rows NaN tombstones until a compaction), sources.txt, index.sqlite, errors.jsonl and manifest.json.
 
-Scale out: --engine ray embeds on a Ray cluster; --shard I/N embeds part I of N (one OUTDIR per part, e.g. a Slurm array), and 'clipcli batch merge OUTDIR... -o MERGED' combines the parts (see clipcli batch merge --help). 'clipcli batch check OUTDIR [--repair]' verifies (and repairs) an OUTDIR. 'clipcli batch export OUTDIR -o out.parquet' writes an OUTDIR as Parquet (or another output format).
+Scale out: --engine ray embeds on a Ray cluster; --shard I/N embeds part I of N (one OUTDIR per part, e.g. a Slurm array), and 'clipcli batch merge OUTDIR... -o MERGED' combines the parts (see clipcli batch merge --help). 'clipcli batch check OUTDIR [--repair]' verifies (and repairs) an OUTDIR. 'clipcli batch export OUTDIR -o out.parquet' writes an OUTDIR as Parquet (or another output format). 'clipcli batch compact OUTDIR' drops tombstones and restores source order without walking the inputs.
 
 Example: clipcli batch ~/photos -o ~/photo-vectors --feature projected --normalize
 """
@@ -105,11 +105,11 @@ class BatchCommand(TyperCommand):
     to that command; a directory literally named so is given as ``./merge``, ``./check``)."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
-        if args and args[0] in ("merge", "check", "export"):  # formats: + export (clipcli/cli/export_cmd.py)
+        if args and args[0] in ("merge", "check", "export", "compact"):  # formats: + export (clipcli/cli/export_cmd.py)
             from clipcli.cli import batch_tools, export_cmd
 
             command = {"merge": batch_tools.merge_command, "check": batch_tools.check_command,
-                       "export": export_cmd.export_command}[args[0]]()
+                       "export": export_cmd.export_command, "compact": batch_tools.compact_command}[args[0]]()
             return command.make_context(f"{info_name or 'batch'} {args[0]}", list(args[1:]), parent=parent, **extra)
         return super().make_context(info_name, args, parent=parent, **extra)
 
@@ -246,7 +246,7 @@ def run_batch(
     events = CliEvents(reporter, unit=unit, outdir=output)
     for message in collection.warnings:
         reporter.warn(message)
-    if not len(collection) and not collection.failures:  # first-hour #17: exit 2 before any model load
+    if collection.is_empty():  # first-hour #17: exit 2 before any model load
         refuse_no_inputs(output, [*texts, *from_files, *inputs])
     options = BatchOptions(
         hash=hash_files, keep_deleted=keep_deleted, allow_deletions=allow_deletions, compact=compact, shard_size=shard_size, batch_size=settings.batch_size,

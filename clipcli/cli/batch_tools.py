@@ -94,3 +94,35 @@ def check_command() -> click.Command:
     from clipcli.cli.help_format import tidy  # first-hour #17: metavars and help text as the rest
 
     return tidy(typer.main.get_command(check_app))
+
+
+COMPACT_HELP = """Rewrite a batch OUTDIR's embeddings.npy and sources.txt sorted by source, without tombstones, now.
+
+Incremental runs write changes in place: deleted sources leave all-NaN rows (tombstones) and new ones are appended, and a run rewrites everything once tombstones pass 10% of the rows. This does that rewrite on its own: no inputs are walked and no model is loaded. It streams the rows (about the cost of copying embeddings.npy), takes the OUTDIR's lock (exit 4 while a run holds it, unless --wait), and is safe to kill at any point: the next run or compact finishes it. Exit 2: not a batch OUTDIR, or a merged result (already compact); 5: the disk refused the new files (the old ones stay).
+
+Example: clipcli batch compact ~/photo-vectors
+"""
+
+
+def compact_command() -> click.Command:
+    """The click command behind ``clipcli batch compact``."""
+    compact_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
+
+    @compact_app.command("compact", help=COMPACT_HELP)
+    def compact(
+        outdir: Annotated[str, typer.Argument(help="The batch output directory to compact.", metavar="OUTDIR", show_default=False)],
+        wait: Annotated[bool, typer.Option("--wait", help="If a batch run holds OUTDIR, wait for it instead of exiting with code 4.")] = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        from clipcli.batch.compact import compact_outdir
+
+        reporter = Reporter(quiet=quiet)
+        with handle_errors(reporter), signals_as_interrupt():
+            result = compact_outdir(outdir, wait=wait, on_wait=reporter.warn, warn=reporter.warn)
+            if not quiet:
+                Reporter._line(f"batch compact: {outdir}: {result.summary}")
+        raise typer.Exit(EXIT_OK)
+
+    from clipcli.cli.help_format import tidy  # first-hour #17: metavars and help text as the rest
+
+    return tidy(typer.main.get_command(compact_app))
