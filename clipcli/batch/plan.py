@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -90,34 +90,28 @@ class Plan:
         return self.found + len(self.failures)
 
 
-# One source as found now: (source, size, mtime_ns, sha256, unreadable 0/1, text record or None).
-Found = tuple[str, Any, Any, Any, int, "TextRecord | None"]
+# One source as found now, as index.sqlite compares it: (key, size, mtime_ns, sha256, unreadable 0/1).
+Found = tuple[bytes, Any, Any, Any, int]
 
 
-def make_plan(db: IndexDB, modality: str, found: Iterable[Found], latest: dict[str, RowRef], failures: list[Failed]) -> Plan:
+def make_plan(
+    db: IndexDB, modality: str, found: Iterable[Found], latest: dict[str, RowRef], failures: list[Failed],
+    texts: Sequence[TextRecord] = (),
+) -> Plan:
     """Compare the sources found now with index.sqlite (a merge join, see
     :meth:`IndexDB.compare`: no per-row Python objects for the sources that did not change)
-    and with rows of shards not yet applied. ``found`` is in collection order."""
+    and with rows of shards not yet applied. ``found`` is in collection order; for texts,
+    ``texts[i]`` is the record of the i-th item found."""
     from clipcli.batch.index_db import key, unkey
     from clipcli.batch.layout import same_version
 
-    kept: dict[int, TextRecord] = {}
     watch = {key(s) for s in latest}  # rows in shards not yet applied: are their sources still here?
-
-    def rows() -> Iterator[tuple[Any, ...]]:
-        # Nothing per source is kept beyond this tuple (a million-row no-op holds no list of
-        # paths): the changed ones come back from compare() with their key.
-        for pos, (source, size, mtime_ns, sha256, unreadable, text) in enumerate(found):
-            if text is not None:
-                kept[pos] = text
-            yield key(source), size, mtime_ns, sha256, unreadable
-
-    changes, gone, seen, found_count = db.compare(rows(), watch)
+    changes, gone, seen, found_count = db.compare(found, watch)
     todo: list[Item] = []
     pending_ok: set[str] = set()
     for pos, blob, size, mtime_ns, sha256, unreadable in changes:
         source = unkey(blob)
-        text = kept.get(pos)
+        text = texts[pos] if texts else None
         if text is not None:
             record = text.record()
         else:
@@ -132,7 +126,6 @@ def make_plan(db: IndexDB, modality: str, found: Iterable[Found], latest: dict[s
             pending_ok.add(source)
         else:
             todo.append(Item(source, record, None if text is None else text.text))
-    kept.clear()
     in_db = set(gone)
     deleted = sorted({*gone, *(s for s in latest if s not in in_db and key(s) not in seen and db.lookup(s) is None)})
     changed = len(todo) + len(pending_ok)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clipcli.batch.collect import Collection
+from clipcli.batch.index_db import key as index_key
 from clipcli.batch.layout import LAYOUT_VERSION, ErrorLog, Layout, State
 from clipcli.batch.lock import OutputLock
 from clipcli.batch.options import DEFAULT_SHARD_SIZE, BatchOptions, Engine, Events, RunResult
@@ -48,6 +49,7 @@ from clipcli.errors import StorageError, UsageError
 from clipcli.pipeline import Failed
 
 if TYPE_CHECKING:
+    from clipcli.batch.collect import TextRecord
     from clipcli.batch.index_db import IndexDB
     from clipcli.encoder import Encoder
     from clipcli.pipeline import ImageLoader
@@ -103,19 +105,28 @@ class BatchRunner:
         shard = self.options.shard
         return shard is None or shard_of(source, shard[1]) == shard[0]
 
-    def _found(self) -> Iterator[Found]:
-        """The sources of this run as (source, size, mtime_ns, sha256, unreadable, text),
-        streamed: a stat each, no list and no dict per source."""
+    def _found(self, texts: list[TextRecord]) -> Iterator[Found]:
+        """The sources of this run as index.sqlite compares them, (key, size, mtime_ns, sha256,
+        unreadable), streamed: a stat each, no list and no dict per source (``texts``: this
+        run's texts, in order)."""
         if self.collection.modality == "text":
-            for t in self.collection.texts:
-                if self._mine(t.source):
-                    yield t.source, None, None, t.sha256, 0, t
+            for t in texts:
+                yield index_key(t.source), None, None, t.sha256, 0
             return
         images = self.collection.iter_images()
         sources = images if self.options.shard is None else (s for s in images if self._mine(s))
         if not self.options.hash:
-            for s in sources:
-                yield (s, *file_version(s, hashed=False), None)
+            stat = os.stat
+            for s in sources:  # file_version(), inlined: the per-file path of a million-file no-op
+                if ":" in s:
+                    yield (index_key(s), *file_version(s, hashed=False))
+                    continue
+                try:
+                    st = stat(s)
+                except OSError:
+                    yield index_key(s), None, None, None, 1
+                    continue
+                yield s.encode("utf-8", "surrogatepass"), st.st_size, st.st_mtime_ns, None, 0
             return
         # Hashing reads every file: overlap it over threads (hashlib releases the GIL), with a
         # bounded window of files in flight (Executor.map would queue the whole collection).
@@ -126,13 +137,14 @@ class BatchRunner:
                 window.append((s, pool.submit(file_version, s, hashed=True)))
                 if len(window) >= 8 * workers:
                     source, future = window.popleft()
-                    yield (source, *future.result(), None)
+                    yield (index_key(source), *future.result())
             while window:
                 source, future = window.popleft()
-                yield (source, *future.result(), None)
+                yield (index_key(source), *future.result())
 
     def _plan(self, state: State, db: IndexDB) -> Plan:
-        plan = make_plan(db, self.collection.modality, self._found(), state.latest, [])
+        texts = [t for t in self.collection.texts if self._mine(t.source)]
+        plan = make_plan(db, self.collection.modality, self._found(texts), state.latest, [], texts)
         # After the walk: an unlistable directory is a failure found while walking.
         plan.failures = [f for f in self.collection.failures if self._mine(f.source)]
         plan.refusal = self._deletion_refusal(plan)
