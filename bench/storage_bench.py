@@ -175,13 +175,16 @@ def main() -> None:
     p.add_argument("--compare-v2", action="store_true", help="also time the layout-2 code of --v2-tree")
     p.add_argument("--v2-tree", default=None, help="a checkout of clipcli before layout 3 (e.g. git worktree add /tmp/v2 40b96d8)")
     p.add_argument("--first-images", type=int, default=3000, help="real images for the first-run throughput rows (0: skip)")
+    p.add_argument("--fabricate-only", action="store_true", help="make the files and the layout-2 OUTDIR in --work, then stop")
+    p.add_argument("--fabricated", action="store_true",
+                   help="measure everything on the untouched OUTDIR a --fabricate-only run left in --work")
     p.add_argument("--reuse", action="store_true",
                    help="measure again on the OUTDIR a previous run left in --work (no fabrication, no migration)")
     args = p.parse_args()
     if args.compare_v2 and not args.v2_tree:
         p.error("--compare-v2 needs --v2-tree")
     rows = 20_000 if args.quick else args.rows
-    if not args.reuse:
+    if not args.reuse and not args.fabricated:
         shutil.rmtree(args.work, ignore_errors=True)
         args.work.mkdir(parents=True)
     from conftest import make_image
@@ -195,12 +198,20 @@ def main() -> None:
 
         sources = sorted(s for s in read_outdir(out)[1] if "/f" in s)
         rows = report["rows"] = len(sources)
+    elif args.fabricated:
+        from clipcli.batch.collect import collect_images
+
+        sources = collect_images([str(folder)]).images
+        rows = report["rows"] = len(sources)
     else:
         sources = make_files(folder, rows)
         report["make_files_s"] = round(time.monotonic() - t, 1)
         t = time.monotonic()
         fabricate(out, sources, 512, template)
         report["fabricate_s"] = round(time.monotonic() - t, 1)
+        if args.fabricate_only:
+            print(json.dumps(report))
+            return
     base = ["batch", str(folder), "-o", str(out), "-m", model, "--feature", "projected", "-q", "--max-errors", "100%"]
     runs = report["runs"]
     # The process baseline: a no-op over a one-row OUTDIR (same code, same imports).
