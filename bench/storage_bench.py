@@ -174,7 +174,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=HERE / "results" / "storage.json")
     p.add_argument("--compare-v2", action="store_true", help="also time the layout-2 code of --v2-tree")
     p.add_argument("--v2-tree", default=None, help="a checkout of clipcli before layout 3 (e.g. git worktree add /tmp/v2 40b96d8)")
-    p.add_argument("--first-images", type=int, default=3000, help="real images for the first-run throughput rows (0: skip)")
+    p.add_argument("--first-images", type=int, default=10000, help="real images for the first-run throughput rows (0: skip)")
     p.add_argument("--fabricate-only", action="store_true", help="make the files and the layout-2 OUTDIR in --work, then stop")
     p.add_argument("--fabricated", action="store_true",
                    help="measure everything on the untouched OUTDIR a --fabricate-only run left in --work")
@@ -183,6 +183,8 @@ def main() -> None:
     args = p.parse_args()
     if args.compare_v2 and not args.v2_tree:
         p.error("--compare-v2 needs --v2-tree")
+    if args.compare_v2 and args.reuse:
+        p.error("--compare-v2 needs a layout-2 OUTDIR: not with --reuse (--v2-tree alone compares first runs)")
     rows = 20_000 if args.quick else args.rows
     if not args.reuse and not args.fabricated:
         shutil.rmtree(args.work, ignore_errors=True)
@@ -261,9 +263,11 @@ def main() -> None:
     runs["batch_compact"] = measured(["batch", "compact", str(out), "-q"], args.work)  # the rewrite alone
     runs["run_with_compact"] = measured([*base, "--compact"], args.work)  # walk + plan + rewrite
     if args.first_images:
-        runs["first_run"] = first_run(args.work, model, args.first_images, None)
-        if args.compare_v2:
-            runs["v2_first_run"] = first_run(args.work, model, args.first_images, args.v2_tree)
+        fixed = runs["model_load_1_image"]["wall_s"]  # start-up and model loading, paid once per run
+        for name, tree in (("first_run", None), ("v2_first_run", args.v2_tree)):
+            if name == "first_run" or tree:
+                run = runs[name] = first_run(args.work, model, args.first_images, tree)
+                run["images_per_s_beyond_model_load"] = round(args.first_images / max(run["wall_s"] - fixed, 1e-9), 1)
     # Per-row memory: above a one-row run of the same kind (runs that embed load torch and the
     # model, ~300 MiB that does not depend on the collection).
     embedding = {"add10", "change10", "add10_again", "v2_after_40_changes"}
@@ -299,9 +303,9 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     out.append({"target": "compaction (batch compact) <= 2x cp of embeddings.npy", "value": f"{compact} s vs cp {cp} s ({compact / cp:.2f}x)",
                 "met": compact <= 2 * cp})
     if "first_run" in runs and "v2_first_run" in runs:
-        new, old = runs["first_run"]["images_per_s"], runs["v2_first_run"]["images_per_s"]
-        out.append({"target": "first run at the previous layout's throughput", "value": f"{new} vs {old} images/s ({new / old:.2f}x)",
-                    "met": new >= 0.95 * old})
+        new, old = (runs[n]["images_per_s_beyond_model_load"] for n in ("first_run", "v2_first_run"))
+        out.append({"target": "first run at the previous layout's throughput (beyond model loading)",
+                    "value": f"{new} vs {old} images/s ({new / old:.3f}x)", "met": new >= 0.95 * old})
     return out
 
 

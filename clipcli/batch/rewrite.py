@@ -19,7 +19,11 @@ is finished by :func:`clipcli.batch.apply.recover`.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import threading
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -74,12 +78,27 @@ def rewrite(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
         lines = TempFile(layout.sources_path, size=sources_estimate)
         files.append(lines)
         matrix.write(header)
-        written = _copy_rows(db, order, Maps(arrays, dim), dim, dt, matrix, lines)
-        pause_at("consolidate")
-        matrix.finish()
+        assert len(header) == HEADER_BYTES
+        written, shards, rows = _list_rows(db, order, lines)
         lines.finish()
-        pause_at("compact")
-        _record(db, order, n, written, [(f.tmp, f.path) for f in files])
+        # The vectors are copied in a second thread while SQLite renumbers the index here: both
+        # wait in C (the kernel copy, SQLite's B-trees) with the GIL released, so on two cores
+        # the renumbering costs little beyond the copy.
+        copier = _Copier(Maps(arrays, dim), dim, dt, matrix, shards, rows)
+        try:
+            db.begin()
+            try:
+                db.renumber(order)
+                copier.wait()
+                pause_at("consolidate")
+                pause_at("compact")
+                _record(db, n, written, [(f.tmp, f.path) for f in files])
+                db.commit()
+            except BaseException:
+                db.rollback()
+                raise
+        finally:
+            copier.stop()
         with readers.writing(layout.root):
             for number, file in enumerate(files):
                 file.commit()
@@ -93,31 +112,132 @@ def rewrite(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
     db.set("compact_pending", None)
 
 
-def _copy_rows(db: IndexDB, order: str, maps: Maps, dim: int, dt: np.dtype[Any], matrix: TempFile, lines: TempFile) -> int:
-    """Stream the rows in ``order`` into the two files; return the bytes of sources.txt."""
-    cursor = db.run(f"SELECT source, shard, shard_row, row FROM rows ORDER BY {order}")  # noqa: S608 - fixed orders
+def _list_rows(db: IndexDB, order: str, lines: TempFile) -> tuple[int, np.ndarray, np.ndarray]:
+    """Stream the rows in ``order``: write sources.txt, and return its size with where each
+    row's vector is (input file: a shard number or :data:`CURRENT`; row in it), 16 bytes a row."""
+    cursor = db.run(  # noqa: S608 - fixed orders
+        f"SELECT source, coalesce(shard, {CURRENT}), CASE WHEN shard IS NULL THEN row ELSE shard_row END FROM rows ORDER BY {order}"
+    )
+    shards: list[np.ndarray] = []
+    rows: list[np.ndarray] = []
     written = 0
-    try:
-        while chunk := cursor.fetchmany(COPY_ROWS):
-            shards = np.fromiter((CURRENT if r[1] is None else r[1] for r in chunk), np.int64, len(chunk))
-            rows = np.fromiter((r[3] if r[1] is None else r[2] for r in chunk), np.int64, len(chunk))
-            block = np.empty((len(chunk), dim), dtype=dt)
-            for number in np.unique(shards).tolist():
-                where = np.flatnonzero(shards == number)
-                array = maps.get(number)
+    while chunk := cursor.fetchmany(COPY_ROWS):
+        shards.append(np.fromiter(map(itemgetter(1), chunk), np.int64, len(chunk)))
+        rows.append(np.fromiter(map(itemgetter(2), chunk), np.int64, len(chunk)))
+        text = _lines_of([r[0] for r in chunk])
+        lines.write(text)
+        written += len(text)
+    empty = np.zeros(0, np.int64)
+    return written, np.concatenate(shards) if shards else empty, np.concatenate(rows) if rows else empty
+
+
+class _Copier:
+    """Copies the rows into embeddings.npy's temporary file in a thread, then fsyncs it.
+
+    Runs of consecutive rows of one input file (a compaction copies long stretches of the old
+    embeddings.npy, a first run whole shards) are copied in the kernel (``copy_file_range``, as
+    ``cp`` does); rows of another dtype are converted with numpy and written."""
+
+    def __init__(self, maps: Maps, dim: int, dt: np.dtype[Any], matrix: TempFile, shards: np.ndarray, rows: np.ndarray) -> None:
+        self.maps, self.dim, self.dt, self.matrix = maps, dim, dt, matrix
+        self.shards, self.rows = shards, rows
+        self.error: BaseException | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="clipcli-compact", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._copy()
+            self.matrix.finish()
+        except BaseException as exc:  # raised in the caller's thread by wait()
+            self.error = exc
+        finally:
+            self.maps.close()
+
+    def _copy(self) -> None:
+        shards, rows, n = self.shards, self.rows, len(self.rows)
+        row_bytes = self.dim * self.dt.itemsize
+        out = _RowWriter(self.matrix, HEADER_BYTES)
+        starts = np.flatnonzero(np.r_[True, (np.diff(shards) != 0) | (np.diff(rows) != 1)]) if n else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], n]
+        for first, stop in zip(starts.tolist(), ends.tolist()):
+            if self.stopping.is_set():
+                return
+            array = self.maps.get(int(shards[first]))
+            top = int(rows[stop - 1])
+            if int(rows[first]) < 0 or top >= array.shape[0]:
+                raise UsageError(f"{array.path} is damaged (row {top} is past the end, {array.shape[0]} rows); "
+                                 "run clipcli batch check --repair on its directory")
+            if array.dtype == self.dt:
+                out.copy(array, int(rows[first]), (stop - first) * row_bytes)
+            else:  # another dtype (a shard from before --out-dtype): converted
                 try:
-                    block[where] = array[rows[where]]
+                    block = array[rows[first:stop]].astype(self.dt)
                 except OSError as exc:
                     raise storage_error(array.path, exc, doing="read") from None
-                except ValueError as exc:
-                    raise UsageError(f"{array.path} is damaged ({exc}); run clipcli batch check --repair on its directory") from None
-            matrix.write(memoryview(np.ascontiguousarray(block)).cast("B"))
-            text = _lines_of([r[0] for r in chunk])
-            lines.write(text)
-            written += len(text)
-    finally:
-        maps.close()
-    return written
+                out.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+        out.done()
+
+    def wait(self) -> None:
+        """Until the copy is done (interruptible by Ctrl-C / SIGTERM); its error, raised here."""
+        while self.thread.is_alive():
+            self.thread.join(0.1)
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+
+class _RowWriter:
+    """Appends to a TempFile at the fd level from ``start``: kernel copies (``copy_file_range``,
+    falling back to ``pread``/``pwrite`` where the file system cannot) and plain writes."""
+
+    def __init__(self, file: TempFile, start: int) -> None:
+        self.file = file
+        self.fd = file.raw_fd()
+        self.pos = start
+        self.kernel_copy = hasattr(os, "copy_file_range")
+
+    def copy(self, array: Any, first_row: int, size: int) -> None:
+        offset = array.offset + first_row * array.row_bytes
+        while size:
+            try:
+                if self.kernel_copy:
+                    try:
+                        done = os.copy_file_range(array.fd, self.fd, size, offset, self.pos)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                            raise
+                        self.kernel_copy = False
+                        continue
+                else:
+                    data = os.pread(array.fd, min(size, 1 << 24), offset)
+                    done = os.pwrite(self.fd, data, self.pos) if data else 0
+            except OSError as exc:
+                raise storage_error(self.file.path if exc.errno in _WRITE_ERRORS else array.path, exc,
+                                    doing="write" if exc.errno in _WRITE_ERRORS else "read") from None
+            if done == 0:
+                raise UsageError(f"{array.path} is damaged (it ends before its header says); "
+                                 "run clipcli batch check --repair on its directory")
+            offset, size, self.pos = offset + done, size - done, self.pos + done
+
+    def write(self, data: memoryview) -> None:
+        view = memoryview(data)
+        while len(view):
+            try:
+                done = os.pwrite(self.fd, view, self.pos)
+            except OSError as exc:
+                raise storage_error(self.file.path, exc) from None
+            view, self.pos = view[done:], self.pos + done
+
+    def done(self) -> None:
+        self.file.seek(self.pos)  # finish() cuts the file here
+
+
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 _SPECIAL = (b"\\", b"\t", b"\r", b"\n")
@@ -137,20 +257,14 @@ def _lines_of(blobs: list[bytes]) -> bytes:
     return "".join([source_line(unkey(blob)) + "\n" for blob in blobs]).encode("utf-8")
 
 
-def _record(db: IndexDB, order: str, n: int, sources_bytes: int, pairs: list[tuple[Any, Any]]) -> None:
-    """One transaction: the new numbering, no tombstones or redo, the pending renames."""
-    db.begin()
-    try:
-        db.renumber(order)
-        db.run("DELETE FROM dead")
-        db.run("DELETE FROM redo")
-        db.set("redo_from", None)
-        db.set("redo_lines", None)
-        db.set("slots", n)
-        db.set("sources_bytes", sources_bytes)
-        db.set("rewrite_pending", None)
-        db.set("compact_pending", [[str(tmp), str(target)] for tmp, target in pairs])
-        db.commit()
-    except BaseException:
-        db.rollback()
-        raise
+def _record(db: IndexDB, n: int, sources_bytes: int, pairs: list[tuple[Any, Any]]) -> None:
+    """In the caller's transaction, beside the new numbering: no tombstones or redo, the new
+    sizes, the pending renames."""
+    db.run("DELETE FROM dead")
+    db.run("DELETE FROM redo")
+    db.set("redo_from", None)
+    db.set("redo_lines", None)
+    db.set("slots", n)
+    db.set("sources_bytes", sources_bytes)
+    db.set("rewrite_pending", None)
+    db.set("compact_pending", [[str(tmp), str(target)] for tmp, target in pairs])

@@ -175,6 +175,22 @@ class TempFile:
             self.abort()
             raise storage_error(self.path, exc) from None
 
+    def raw_fd(self) -> int:
+        """The file descriptor, for writes at explicit offsets (pwrite, copy_file_range): what
+        was written through :meth:`write` is flushed first; call :meth:`seek` after."""
+        assert self.handle is not None
+        try:
+            self.handle.flush()
+        except OSError as exc:
+            self.abort()
+            raise storage_error(self.path, exc) from None
+        return self.handle.fileno()
+
+    def seek(self, position: int) -> None:
+        """Continue at ``position`` (after writes at explicit offsets)."""
+        assert self.handle is not None
+        self.handle.seek(position)
+
     def finish(self) -> None:
         """Flush and fsync the temporary file and close it (not yet renamed)."""
         assert self.handle is not None
