@@ -153,10 +153,12 @@ def first_run(work: Path, model: str, n: int, pythonpath: str | None) -> dict[st
     from conftest import make_image
 
     images = work / "first-images"
-    if not images.exists():
-        for i in range(n):
-            (images / f"sub{i % 10}").mkdir(parents=True, exist_ok=True)
-            make_image(images / f"sub{i % 10}" / f"img{i:05d}.png", (64, 48), seed=i)
+    for i in range(n):  # those a previous --reuse run made are kept; the count is what is there
+        path = images / f"sub{i % 10}" / f"img{i:05d}.png"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            make_image(path, (64, 48), seed=i)
+    n = sum(1 for _ in images.rglob("*.png"))
     out = work / f"first-out-{time.monotonic_ns()}"
     result = measured(["batch", str(images), "-o", str(out), "-m", model, "--feature", "projected", "-q"], work, pythonpath)
     result["images"] = n
@@ -267,7 +269,7 @@ def main() -> None:
         for name, tree in (("first_run", None), ("v2_first_run", args.v2_tree)):
             if name == "first_run" or tree:
                 run = runs[name] = first_run(args.work, model, args.first_images, tree)
-                run["images_per_s_beyond_model_load"] = round(args.first_images / max(run["wall_s"] - fixed, 1e-9), 1)
+                run["images_per_s_beyond_model_load"] = round(run["images"] / max(run["wall_s"] - fixed, 1e-9), 1)
     # Per-row memory: above a one-row run of the same kind (runs that embed load torch and the
     # model, ~300 MiB that does not depend on the collection).
     embedding = {"add10", "change10", "add10_again", "v2_after_40_changes"}
@@ -288,9 +290,11 @@ def main() -> None:
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets against this run's figures (computed, never typed in)."""
     runs = report["runs"]
-    noop = min(runs["noop"]["wall_s"], runs["noop_again"]["wall_s"])
+    noops = [runs["noop"]["wall_s"], runs["noop_again"]["wall_s"]]
+    noop = max(noops)  # the worse of the two: "met" only if every no-op run met it
     load = runs["model_load_1_image"]["wall_s"]
-    out = [{"target": "no-op rerun <= 15 s", "value": f"{noop} s (walk + stat alone {report['walk_and_stat_s']} s)", "met": noop <= 15}]
+    out = [{"target": "no-op rerun <= 15 s (every run)", "value": f"{' and '.join(map(str, noops))} s (walk + stat alone {report['walk_and_stat_s']} s)",
+            "met": noop <= 15}]
     for name in ("add10", "change10", "delete10"):
         run = runs[name]
         out.append({"target": f"{name}: writes <= 1% of embeddings.npy", "value": f"{run['written_pct_of_embeddings']}%",
