@@ -29,7 +29,6 @@ TYPE_LABEL = re.compile(r"<(?:bool|str|text|int|float|path|choice|list\[[^\]]*\]
 
 def _commands() -> list[tuple[tuple[str, ...], object]]:
     """(path, click command) for every command and subcommand, batch merge/check included."""
-    from clipcli.cli import batch_tools
 
     root = typer.main.get_command(app)
     found: list[tuple[tuple[str, ...], object]] = []
@@ -40,9 +39,10 @@ def _commands() -> list[tuple[tuple[str, ...], object]]:
             walk(sub, (*path, name))
 
     walk(root, ())
-    # `batch merge` / `batch check` are dispatched by batch's own make_context, not a group.
-    found.append((("batch", "merge"), batch_tools.merge_command()))
-    found.append((("batch", "check"), batch_tools.check_command()))
+    # `batch merge`, `check`, `export`, `compact` are dispatched by batch's own make_context, not a group.
+    from clipcli.cli.batch_cmd import SUBCOMMANDS, subcommand
+
+    found.extend((("batch", name), subcommand(name)) for name in SUBCOMMANDS)
     return found
 
 
@@ -62,7 +62,7 @@ def flat(text: str) -> str:
 
 def test_the_walk_finds_every_command() -> None:
     names = {" ".join(path) for path, _ in COMMANDS}
-    for expected in ("", "embed-image", "embed-text", "batch", "batch merge", "batch check", "search", "config",
+    for expected in ("", "embed-image", "embed-text", "batch", "batch merge", "batch check", "batch export", "batch compact", "search", "config",
                      "config show", "config new-model", "serve", "serve status", "serve stop"):
         assert expected in names
 

@@ -105,13 +105,21 @@ class BatchCommand(TyperCommand):
     to that command; a directory literally named so is given as ``./merge``, ``./check``)."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
-        if args and args[0] in ("merge", "check", "export", "compact"):  # formats: + export (clipcli/cli/export_cmd.py)
-            from clipcli.cli import batch_tools, export_cmd
-
-            command = {"merge": batch_tools.merge_command, "check": batch_tools.check_command,
-                       "export": export_cmd.export_command, "compact": batch_tools.compact_command}[args[0]]()
+        if args and args[0] in SUBCOMMANDS:
+            command = subcommand(args[0])
             return command.make_context(f"{info_name or 'batch'} {args[0]}", list(args[1:]), parent=parent, **extra)
         return super().make_context(info_name, args, parent=parent, **extra)
+
+
+SUBCOMMANDS = ("merge", "check", "export", "compact")  # formats: + export (clipcli/cli/export_cmd.py)
+
+
+def subcommand(name: str) -> click.Command:
+    """The click command of ``batch NAME`` (imported only when asked for)."""
+    from clipcli.cli import batch_tools, export_cmd
+
+    return {"merge": batch_tools.merge_command, "check": batch_tools.check_command,
+            "export": export_cmd.export_command, "compact": batch_tools.compact_command}[name]()
 
 
 def register(app: typer.Typer) -> None:

@@ -11,7 +11,7 @@ from clipcli.cli.common import EXIT_OK, FormatOpt, OutDtypeOpt, QuietOpt, Report
 
 EXPORT_HELP = """Write the vectors of a batch OUTDIR (or an .npy/.npz output) in another format: Parquet for pandas, polars and DuckDB, or jsonl, json, npy, npz, tsv.
 
-One row per source, as the OUTDIR's embeddings.npy holds them; the output's metadata (model, feature, dim, ...) comes from the manifest. Written atomically, streamed a chunk at a time (bounded memory). Parquet needs pip install 'clipcli\\[parquet]'.
+One row per source, as the OUTDIR's embeddings.npy holds them; the output's metadata (model, feature, dim, ...) comes from the manifest. Written atomically, streamed a chunk at a time (bounded memory). Parquet needs pip install 'clipcli[parquet]'.
 
 Example: clipcli batch export ~/photo-vectors -o photos.parquet
 """
@@ -38,4 +38,6 @@ def export_command() -> click.Command:
                 Reporter._line(f"batch export: {rows} rows from {source} written to {output}")
         raise typer.Exit(EXIT_OK)
 
-    return typer.main.get_command(export_app)
+    from clipcli.cli.help_format import tidy  # first-hour #17: metavars and help text as the rest
+
+    return tidy(typer.main.get_command(export_app))
