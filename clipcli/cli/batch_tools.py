@@ -12,6 +12,14 @@ import typer
 
 from clipcli.cli.common import EXIT_INPUTS_FAILED, EXIT_OK, QuietOpt, Reporter, handle_errors, signals_as_interrupt
 
+WaitOpt = Annotated[bool, typer.Option("--wait", help="If a batch run holds OUTDIR, wait for it instead of exiting with code 4.")]
+
+
+def _one_command_app() -> typer.Typer:
+    """A Typer app for one ``batch`` subcommand (dispatched by BatchCommand, not a group)."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
+
+
 MERGE_HELP = """Merge batch OUTDIRs (e.g. the parts of a --shard I/N split) into one result.
 
 MERGED gets embeddings.npy, sources.txt, index.jsonl, errors.jsonl and manifest.json with the rows of every input, sorted by source as a single run would; vectors are gathered from read-only memory maps and written with plain writes, never all held in memory. Refused (exit 2): inputs made with different settings (model, revision, feature, normalize, preprocessing, dtype, modality), inputs that share a source, incomplete inputs unless --allow-incomplete, and damaged inputs (each input is verified first; the message names it and the problem). A merge that failed (exit 5: disk full, read-only...) or was killed is simply rerun with the same -o: its leftovers are removed and it is redone.
@@ -22,7 +30,7 @@ Example: clipcli batch merge part-1 part-2 part-3 -o vectors
 
 def merge_command() -> click.Command:
     """The click command behind ``clipcli batch merge``."""
-    merge_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
+    merge_app = _one_command_app()
 
     @merge_app.command("merge", help=MERGE_HELP)
     def merge(
@@ -61,13 +69,13 @@ Example: clipcli batch check ~/photo-vectors --repair && clipcli batch ~/photos 
 
 def check_command() -> click.Command:
     """The click command behind ``clipcli batch check``."""
-    check_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
+    check_app = _one_command_app()
 
     @check_app.command("check", help=CHECK_HELP)
     def check(
         outdir: Annotated[str, typer.Argument(help="The batch output directory (or merged result) to verify.", metavar="OUTDIR", show_default=False)],
         repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed (see above); the next batch run re-embeds dropped rows.")] = False,
-        wait: Annotated[bool, typer.Option("--wait", help="If a batch run holds OUTDIR, wait for it instead of exiting with code 4.")] = False,
+        wait: WaitOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
         from clipcli.batch.check import check_outdir
@@ -98,7 +106,7 @@ def check_command() -> click.Command:
 
 COMPACT_HELP = """Rewrite a batch OUTDIR's embeddings.npy and sources.txt sorted by source, without tombstones, now.
 
-Incremental runs write changes in place: deleted sources leave all-NaN rows (tombstones) and new ones are appended, and a run rewrites everything once tombstones pass 10% of the rows. This does that rewrite on its own: no inputs are walked and no model is loaded. It streams the rows (about the cost of copying embeddings.npy), takes the OUTDIR's lock (exit 4 while a run holds it, unless --wait), and is safe to kill at any point: the next run or compact finishes it. Exit 2: not a batch OUTDIR, or a merged result (already compact); 5: the disk refused the new files (the old ones stay).
+Incremental runs write changes in place: deleted sources leave all-NaN rows (tombstones) and new ones are appended, and a run rewrites everything once tombstones pass 10% of the rows. This does that rewrite on its own: no inputs are walked and no model is loaded. It streams the rows (the vectors are copied in the kernel; at a million rows, renumbering index.sqlite costs more than the copy), takes the OUTDIR's lock (exit 4 while a run holds it, unless --wait), and is safe to kill at any point: the next run or compact finishes it. Exit 2: not a batch OUTDIR, or a merged result (already compact); 5: the disk refused the new files (the old ones stay).
 
 Example: clipcli batch compact ~/photo-vectors
 """
@@ -106,12 +114,12 @@ Example: clipcli batch compact ~/photo-vectors
 
 def compact_command() -> click.Command:
     """The click command behind ``clipcli batch compact``."""
-    compact_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
+    compact_app = _one_command_app()
 
     @compact_app.command("compact", help=COMPACT_HELP)
     def compact(
         outdir: Annotated[str, typer.Argument(help="The batch output directory to compact.", metavar="OUTDIR", show_default=False)],
-        wait: Annotated[bool, typer.Option("--wait", help="If a batch run holds OUTDIR, wait for it instead of exiting with code 4.")] = False,
+        wait: WaitOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
         from clipcli.batch.compact import compact_outdir
