@@ -206,25 +206,32 @@ class _RowWriter:
     def copy(self, array: Any, first_row: int, size: int) -> None:
         offset = array.offset + first_row * array.row_bytes
         while size:
-            try:
-                if self.kernel_copy:
-                    try:
-                        done = os.copy_file_range(array.fd, self.fd, size, offset, self.pos)
-                    except OSError as exc:
-                        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                            raise
-                        self.kernel_copy = False
-                        continue
-                else:
+            done = self._kernel_copy(array, offset, size) if self.kernel_copy else None
+            if done is None:  # no kernel copy here, or it failed: pread/pwrite say which side it was
+                try:
                     data = os.pread(array.fd, min(size, 1 << 24), offset)
+                except OSError as exc:
+                    raise storage_error(array.path, exc, doing="read") from None
+                try:
                     done = os.pwrite(self.fd, data, self.pos) if data else 0
-            except OSError as exc:
-                raise storage_error(self.file.path if exc.errno in _WRITE_ERRORS else array.path, exc,
-                                    doing="write" if exc.errno in _WRITE_ERRORS else "read") from None
+                except OSError as exc:
+                    raise storage_error(self.file.path, exc) from None
             if done == 0:
                 raise UsageError(f"{array.path} is damaged (it ends before its header says); "
                                  "run clipcli batch check --repair on its directory")
             offset, size, self.pos = offset + done, size - done, self.pos + done
+
+    def _kernel_copy(self, array: Any, offset: int, size: int) -> int | None:
+        """Bytes copied by ``copy_file_range``; None to copy this range with pread/pwrite (not
+        supported, or an error that the plain calls will attribute to the right file)."""
+        try:
+            return os.copy_file_range(array.fd, self.fd, size, offset, self.pos)
+        except OSError as exc:
+            if exc.errno in _WRITE_ERRORS:
+                raise storage_error(self.file.path, exc) from None
+            if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                self.kernel_copy = False
+            return None
 
     def write(self, data: memoryview) -> None:
         view = memoryview(data)
