@@ -45,7 +45,7 @@ def compact_outdir(
         raise UsageError(f"{layout.root} is not a directory")
     with OutputLock(layout.root, wait=wait, on_wait=on_wait):
         manifest = layout.read_manifest()
-        if manifest is None or manifest.get("format") != "clipcli-batch":
+        if manifest is None:  # read_manifest refuses a manifest that is not clipcli's
             raise UsageError(f"{layout.root} is not a batch output directory (no clipcli manifest.json)")
         if manifest.get("merged") is not None:
             raise UsageError(f"{layout.root} is a batch merge result: it is written compact already")

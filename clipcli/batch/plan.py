@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -135,20 +135,26 @@ def make_plan(
     )
 
 
-def file_version(source: str, *, hashed: bool) -> tuple[Any, Any, Any, int]:
-    """(size, mtime_ns, sha256, unreadable) of an image source now: :func:`file_record`
-    without a dict, on the per-file path of a million-file no-op run."""
-    if ":" in source:  # URLs and tar samples (and the odd local name with a colon)
-        r = file_record(source, hashed=hashed)
-        return r.get("size"), r.get("mtime_ns"), r.get("sha256"), int(bool(r.get("unreadable")))
-    try:
-        st = os.stat(source)
-    except OSError:
-        return None, None, None, 1
-    if not hashed:
-        return st.st_size, st.st_mtime_ns, None, 0
-    digest = sha256_of_file(source)
-    return st.st_size, st.st_mtime_ns, digest, 0 if digest is not None else 1
+def keyed_versions(sources: Iterable[str], *, hashed: bool) -> Iterator[Found]:
+    """Each image source as index.sqlite compares it, now (:func:`file_record` without a dict
+    or a call per file: this loop is the per-file path of a million-file no-op run)."""
+    stat = os.stat
+    for source in sources:
+        key = source.encode("utf-8", "surrogatepass")
+        if ":" in source:  # URLs and tar samples (and the odd local name with a colon)
+            r = file_record(source, hashed=hashed)
+            yield key, r.get("size"), r.get("mtime_ns"), r.get("sha256"), int(bool(r.get("unreadable")))
+            continue
+        try:
+            st = stat(source)
+        except OSError:
+            yield key, None, None, None, 1
+            continue
+        if not hashed:
+            yield key, st.st_size, st.st_mtime_ns, None, 0
+            continue
+        digest = sha256_of_file(source)
+        yield key, st.st_size, st.st_mtime_ns, digest, 0 if digest is not None else 1
 
 
 def file_record(source: str, *, hashed: bool) -> dict[str, Any]:

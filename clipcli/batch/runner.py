@@ -43,7 +43,7 @@ from clipcli.batch.index_db import key as index_key
 from clipcli.batch.layout import LAYOUT_VERSION, ErrorLog, Layout, State
 from clipcli.batch.lock import OutputLock
 from clipcli.batch.options import DEFAULT_SHARD_SIZE, BatchOptions, Engine, Events, RunResult
-from clipcli.batch.plan import Found, Item, Plan, file_version, make_plan, now_iso, parse_shard, shard_label, shard_of
+from clipcli.batch.plan import Found, Item, Plan, keyed_versions, make_plan, now_iso, parse_shard, shard_label, shard_of
 from clipcli.batch.space import INFO_KEYS, SPACE_KEYS, check_request, check_space, describe_differences
 from clipcli.errors import StorageError, UsageError
 from clipcli.pipeline import Failed
@@ -116,31 +116,19 @@ class BatchRunner:
         images = self.collection.iter_images()
         sources = images if self.options.shard is None else (s for s in images if self._mine(s))
         if not self.options.hash:
-            stat = os.stat
-            for s in sources:  # file_version(), inlined: the per-file path of a million-file no-op
-                if ":" in s:
-                    yield (index_key(s), *file_version(s, hashed=False))
-                    continue
-                try:
-                    st = stat(s)
-                except OSError:
-                    yield index_key(s), None, None, None, 1
-                    continue
-                yield s.encode("utf-8", "surrogatepass"), st.st_size, st.st_mtime_ns, None, 0
+            yield from keyed_versions(sources, hashed=False)
             return
         # Hashing reads every file: overlap it over threads (hashlib releases the GIL), with a
         # bounded window of files in flight (Executor.map would queue the whole collection).
         workers = self.options.workers or min(16, 2 * (os.cpu_count() or 2))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipcli-hash") as pool:
-            window: deque[tuple[str, Future[tuple[Any, Any, Any, int]]]] = deque()
+            window: deque[Future[Found]] = deque()
             for s in sources:
-                window.append((s, pool.submit(file_version, s, hashed=True)))
+                window.append(pool.submit(lambda one: next(keyed_versions((one,), hashed=True)), s))
                 if len(window) >= 8 * workers:
-                    source, future = window.popleft()
-                    yield (index_key(source), *future.result())
+                    yield window.popleft().result()
             while window:
-                source, future = window.popleft()
-                yield (index_key(source), *future.result())
+                yield window.popleft().result()
 
     def _plan(self, state: State, db: IndexDB) -> Plan:
         texts = [t for t in self.collection.texts if self._mine(t.source)]

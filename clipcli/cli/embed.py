@@ -207,7 +207,8 @@ def expand_directories(refs: Iterable[str], reporter: Reporter, empty: list[str]
     unlistable directory is one skip line; a directory with no images is appended to ``empty``
     (and warned about at the end, when there were other inputs).
     """
-    from clipcli.batch.collect import Collection, walk_images
+    from clipcli.batch.walk import walk_images
+    from clipcli.pipeline import Failed
     from clipcli.sources import has_url_scheme, is_url, safe_display
 
     seen: set[tuple[int, int]] = set()
@@ -217,15 +218,15 @@ def expand_directories(refs: Iterable[str], reporter: Reporter, empty: list[str]
             yielded = True
             yield ref
             continue
-        problems = Collection("image")
+        problems: list[Failed] = []
         count = 0
         for path in walk_images(ref, problems, seen):
             count += 1
             yielded = True
             yield path
-        for failed in problems.failures:
+        for failed in problems:
             reporter.skip(failed.source, failed.reason)
-        if not count and not problems.failures:
+        if not count and not problems:
             empty.append(ref)
     if yielded:  # else the caller's "no inputs" error names them, in one line
         for ref in empty:
