@@ -35,8 +35,10 @@ class NativeStderrFilter:
         self._python_stderr: Any = sys.stderr
         encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
         errors = getattr(sys.stderr, "errors", None) or "backslashreplace"
-        sys.stderr = io.TextIOWrapper(io.FileIO(os.dup(self._real), "w"), encoding=encoding, errors=errors,
-                                      line_buffering=True, write_through=True)
+        # Buffered and flushed per line (and on rich's explicit flushes), so that a message is one
+        # write(2) and a native line copied by the thread can land between messages, never inside one.
+        sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(os.dup(self._real), "w")), encoding=encoding,
+                                      errors=errors, line_buffering=True)
         os.dup2(write_end, 2)
         os.close(write_end)
         self._thread = threading.Thread(target=self._copy, args=(read_end,), name="native-stderr", daemon=True)

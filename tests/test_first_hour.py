@@ -325,6 +325,23 @@ def test_native_stderr_filter_drops_only_native_log_lines() -> None:
         "native keep", "python keep", "is a tty: False", "[2026-12-02 02:20:43,776 E 1 1] after.cc:1: shown after close"])
 
 
+def test_native_line_never_lands_inside_a_python_message() -> None:
+    """print() writes its text and its newline separately: the line must reach fd 2 whole."""
+    code = (
+        "import os, sys, time\n"
+        "from clipcli.native_stderr import NativeStderrFilter\n"
+        "f = NativeStderrFilter()\n"
+        "sys.stderr.write('python ')\n"
+        "os.write(2, b'native keep\\n')\n"
+        "time.sleep(0.5)\n"  # the copying thread has long written the native line by now
+        "sys.stderr.write('keep\\n')\n"
+        "f.close()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["native keep", "python keep"], result.stderr
+
+
 def test_batch_engine_ray_keeps_rays_logs_off_stderr(tiny_model: str, images: list[Path], tmp_path: Path) -> None:
     pytest.importorskip("ray")
     out = tmp_path / "out"
