@@ -90,7 +90,8 @@ def rewrite(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
         try:
             db.begin()
             try:
-                db.renumber(order)
+                if not db.numbered_in(order):
+                    db.renumber(order)
                 copier.wait()
                 pause_at("consolidate")
                 pause_at("compact")
