@@ -314,6 +314,7 @@ def test_native_stderr_filter_drops_only_native_log_lines() -> None:
         "f = NativeStderrFilter()\n"
         "os.write(2, b'[2026-12-02 02:20:43,776 E 27428 27428] core_worker.cc:2465: Actor with class name\\n')\n"
         "os.write(2, b'native keep\\n')\n"
+        "os.write(2, b'[2026-12-02 02:20:43,777 F 27428 27428] core_worker.cc:9: fatal kept\\n')\n"
         "print('python keep', file=sys.stderr)\n"
         "print('is a tty:', sys.stderr.isatty(), file=sys.stderr)\n"
         "f.close()\n"
@@ -322,7 +323,8 @@ def test_native_stderr_filter_drops_only_native_log_lines() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
     assert result.returncode == 0, result.stderr
     assert sorted(result.stderr.splitlines()) == sorted([
-        "native keep", "python keep", "is a tty: False", "[2026-12-02 02:20:43,776 E 1 1] after.cc:1: shown after close"])
+        "native keep", "python keep", "is a tty: False", "[2026-12-02 02:20:43,776 E 1 1] after.cc:1: shown after close",
+        "[2026-12-02 02:20:43,777 F 27428 27428] core_worker.cc:9: fatal kept"])
 
 
 def test_native_line_never_lands_inside_a_python_message() -> None:
