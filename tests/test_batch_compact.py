@@ -242,26 +242,3 @@ def test_texts_compact_in_file_then_line_order(tiny_model: str, tmp_path: Path) 
     fresh = tmp_path / "fresh"
     assert cli("--texts", str(texts), "-o", str(fresh), "-m", tiny_model).exit_code == 0
     np.testing.assert_allclose(np.load(out / "embeddings.npy"), np.load(fresh / "embeddings.npy"), atol=1e-6)
-
-
-def test_renumbering_is_skipped_only_when_the_rows_are_numbered_in_order(tmp_path: Path) -> None:
-    """A first run inserts its rows numbered in output order, so its rewrite keeps the table;
-    a swapped pair or a gap (a tombstone) is out of place and the table is renumbered."""
-    from clipcli.batch.index_db import IndexDB, key
-
-    def rows(numbers: dict[str, int]) -> IndexDB:
-        db = IndexDB(tmp_path / f"index-{len(list(tmp_path.iterdir()))}.sqlite")
-        db.begin()
-        db.many("INSERT INTO rows VALUES (?, ?, 1, 1, NULL, NULL, NULL, NULL)", ((key(s), n) for s, n in numbers.items()))
-        db.commit()
-        return db
-
-    assert rows({"a": 0, "b": 1, "é": 2}).numbered_in("source")
-    assert not rows({"a": 1, "b": 0, "é": 2}).numbered_in("source")
-    assert not rows({"a": 0, "b": 2, "é": 3}).numbered_in("source")
-    swapped = rows({"a": 0, "b": 2, "c": 1})
-    swapped.begin()
-    swapped.renumber("source")
-    swapped.commit()
-    assert swapped.numbered_in("source")
-    assert [int(r) for (r,) in swapped.run("SELECT row FROM rows ORDER BY source")] == [0, 1, 2]

@@ -113,21 +113,20 @@ def update(
     fresh = _live_pending(plan, state, keep_deleted)
     puts: list[tuple[int, str, RowRef]] = []
     appends: list[tuple[str, RowRef]] = []
+    for source, ref in fresh.items():
+        stored = db.lookup(source)
+        if stored is None:
+            appends.append((source, ref))
+        elif stored[1] is None or stored[1] < ref.shard:  # an older pending shard never wins
+            puts.append((stored[0], source, ref))
     stale = [item.source for item in plan.todo if item.source not in fresh]
     gone = [] if keep_deleted else plan.deleted
-    with db.snapshot():
-        for source, ref in fresh.items():
-            stored = db.lookup(source)
-            if stored is None:
-                appends.append((source, ref))
-            elif stored[1] is None or stored[1] < ref.shard:  # an older pending shard never wins
-                puts.append((stored[0], source, ref))
-        tombstones = [s for s in (*stale, *gone) if db.lookup(s) is not None]
     if keep_deleted:
         result.kept_deleted = len(plan.deleted)
     else:
         result.deleted = len(plan.deleted)
     slots = db.slots
+    tombstones = [s for s in (*stale, *gone) if db.lookup(s) is not None]
     new_shards = sorted(set(state.shards) - db.applied())
     dead = db.count("dead") + len(tombstones)
     total = slots + len(appends)

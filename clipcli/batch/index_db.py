@@ -21,7 +21,6 @@ every file name round-trips and byte order equals Python's code point order.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import operator
 import sqlite3
@@ -173,21 +172,6 @@ class IndexDB:
     def commit(self) -> None:
         self.run("COMMIT")
 
-    @contextlib.contextmanager
-    def snapshot(self) -> Iterator[None]:
-        """Many reads under one shared lock. Outside a transaction every statement locks and
-        unlocks the file, looks for a hot journal and rereads the header (about ten system calls):
-        per source, that was most of the time a first run of 10,000 images spent in SQLite."""
-        if self.con.in_transaction:
-            yield
-            return
-        self.run("BEGIN")
-        try:
-            yield
-        finally:
-            with contextlib.suppress(sqlite3.Error):
-                self.con.execute("COMMIT")
-
     def rollback(self) -> None:
         try:
             self.con.execute("ROLLBACK")
@@ -227,16 +211,6 @@ class IndexDB:
         self.run("ALTER TABLE rows_renumbered RENAME TO rows")
         for statement in filter(None, (s.strip() for s in _ROWS_INDEXES.split(";"))):
             self.run(statement)
-
-    def numbered_in(self, order: str) -> bool:
-        """Whether the rows are numbered 0..n-1 in ``order`` already (a first run inserts them so),
-        so that :meth:`renumber` would rewrite the table for nothing. Stops at the first row out
-        of place."""
-        out_of_place = self.run(  # noqa: S608 - fixed orders
-            f"SELECT 1 FROM (SELECT row, row_number() OVER (ORDER BY {order}) - 1 AS rank FROM rows) "
-            "WHERE row != rank LIMIT 1"
-        ).fetchone()
-        return out_of_place is None
 
     def referenced_shards(self) -> set[int]:
         return {int(n) for (n,) in self.run("SELECT DISTINCT shard FROM rows WHERE shard IS NOT NULL")}

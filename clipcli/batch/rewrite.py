@@ -90,8 +90,7 @@ def rewrite(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
         try:
             db.begin()
             try:
-                if not db.numbered_in(order):
-                    db.renumber(order)
+                db.renumber(order)
                 copier.wait()
                 pause_at("consolidate")
                 pause_at("compact")
