@@ -18,8 +18,8 @@ import sys
 import threading
 from typing import Any
 
-# [2026-12-02 02:20:43,776 E 27428 27428] core_worker.cc:2465: ...   Fatal (F) lines are kept: they
-# explain a process that Ray's core worker ends, and a successful run has none.
+# [2026-12-02 02:20:43,776 E 27428 27428] core_worker.cc:2465: ...   Fatal (F) and critical (C) lines
+# are kept: they explain a process that Ray's core worker ends, and a successful run has none.
 RAY_NATIVE_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [TDIWE] \d+ \d+\] [\w./-]+:\d+: ")
 
 
