@@ -11,7 +11,8 @@ measures, each run in its own process (wall time, peak RSS from wait4, bytes wri
 * ``noop``: a rerun with nothing changed, and what dominates it (walk + stat of every file,
   measured on its own in this process);
 * ``add10`` / ``change10`` / ``delete10``: reruns after adding, changing, deleting 10 files;
-* ``compact``: ``--compact`` (a full streamed rewrite) against ``cp embeddings.npy``;
+* ``compact``: ``batch compact`` (a full streamed rewrite) against ``cp embeddings.npy`` + sync,
+  alternating three times after the disk settles, and a ``--compact`` run;
 * with ``--compare-v2``, the same no-op and change runs with the layout-2 code of ``--v2-tree``
   (e.g. a checkout of main before this change) on a copy of the fabricated OUTDIR.
 
@@ -137,6 +138,16 @@ def model_and_template(cache: Path, work: Path) -> tuple[str, dict[str, Any]]:
     return model, keep
 
 
+COMPACT_REPS = 3
+
+
+def settle() -> None:
+    """Flush what earlier steps left in the page cache and give the disk a moment (ext4 here
+    discards freed blocks in the background)."""
+    os.sync()
+    time.sleep(3)
+
+
 def walk_and_stat(folder: Path) -> float:
     """What a no-op run cannot avoid: listing the collection (clipcli's own sorted walk) and one
     stat per file."""
@@ -256,13 +267,22 @@ def main() -> None:
     size = npy.stat().st_size
     report["embeddings_bytes"] = size
     report["index_sqlite_bytes"] = (out / "index.sqlite").stat().st_size
-    t = time.monotonic()
-    shutil.copyfile(npy, args.work / "copy.npy")
-    os.sync()
-    report["cp_embeddings_s"] = round(time.monotonic() - t, 2)
-    (args.work / "copy.npy").unlink()
-    os.sync()
-    runs["batch_compact"] = measured(["batch", "compact", str(out), "-q"], args.work)  # the rewrite alone
+    # Compaction against a plain copy, alternating, each after the disk has settled: the first
+    # pair drops this run's tombstones, the later ones rewrite a compact OUTDIR (the same bytes).
+    # Measured one after the other, the second pays for the first's writeback and discards.
+    pairs = report["compact_vs_cp"] = []
+    for rep in range(COMPACT_REPS):
+        settle()
+        t = time.monotonic()
+        shutil.copyfile(npy, args.work / "copy.npy")
+        os.sync()
+        cp = round(time.monotonic() - t, 2)
+        (args.work / "copy.npy").unlink()
+        settle()
+        run = measured(["batch", "compact", str(out), "-q"], args.work)  # the rewrite alone
+        runs["batch_compact" if rep == 0 else f"batch_compact_again{rep}"] = run
+        pairs.append({"cp_s": cp, "compact_s": run["wall_s"], "ratio": round(run["wall_s"] / cp, 2)})
+    report["cp_embeddings_s"] = pairs[0]["cp_s"]
     runs["run_with_compact"] = measured([*base, "--compact"], args.work)  # walk + plan + rewrite
     if args.first_images:
         fixed = runs["model_load_1_image"]["wall_s"]  # start-up and model loading, paid once per run
@@ -303,9 +323,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"target": f"{name}: <= 2x no-op + model loading ({limit} s)", "value": f"{run['wall_s']} s", "met": run["wall_s"] <= limit})
     worst = max(runs[n]["rss_bytes_per_row_above_baseline"] for n in ("noop", "noop_again", "add10", "change10", "delete10"))
     out.append({"target": "incremental peak RSS <= 64 B/row above a 1-row run", "value": f"{worst} B/row", "met": worst <= 64})
-    compact, cp = runs["batch_compact"]["wall_s"], report["cp_embeddings_s"]
-    out.append({"target": "compaction (batch compact) <= 2x cp of embeddings.npy", "value": f"{compact} s vs cp {cp} s ({compact / cp:.2f}x)",
-                "met": compact <= 2 * cp})
+    pairs = report["compact_vs_cp"]
+    shown = "; ".join(f"{p['compact_s']} s vs {p['cp_s']} s ({p['ratio']}x)" for p in pairs)
+    out.append({"target": "compaction (batch compact) <= 2x cp + sync of embeddings.npy (every alternating pair)",
+                "value": shown, "met": max(p["ratio"] for p in pairs) <= 2})
     if "first_run" in runs and "v2_first_run" in runs:
         new, old = (runs[n]["images_per_s_beyond_model_load"] for n in ("first_run", "v2_first_run"))
         out.append({"target": "first run at the previous layout's throughput (beyond model loading)",
@@ -318,7 +339,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"# batch storage: {report['rows']:,} rows x {report['dim']} dims",
         "",
         f"embeddings.npy {report['embeddings_bytes'] / 2**20:.0f} MiB, index.sqlite {report['index_sqlite_bytes'] / 2**20:.0f} MiB; "
-        f"walk + stat of every file alone: {report['walk_and_stat_s']} s; cp of embeddings.npy (+sync): {report['cp_embeddings_s']} s; "
+        f"walk + stat of every file alone: {report['walk_and_stat_s']} s; cp of embeddings.npy (+sync): {', '.join(str(p['cp_s']) for p in report['compact_vs_cp'])} s; "
         f"load average {[round(x, 2) for x in report['load_average_start']]} -> {[round(x, 2) for x in report['load_average_end']]}",
         "",
         "| target | measured | met |",

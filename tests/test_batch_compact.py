@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,59 @@ def test_batch_compact_drops_tombstones_and_sorts(
     assert cli(str(fresh), "-o", str(tmp_path / "fresh-out"), "-m", tiny_model).exit_code == 0
     np.testing.assert_allclose(live_mapping(collection.out)[str(target)],
                                live_mapping(tmp_path / "fresh-out")[str(fresh / target.name)], atol=1e-5)
+
+
+def test_batch_compact_in_many_small_chunks(
+    tiny_model: str, collection: Collection, real_vectors: list[np.ndarray], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """The copier takes the rows chunk by chunk while they are listed: runs of rows that span
+    chunks, and chunks of one row, land where they belong."""
+    import clipcli.batch.rewrite as rewrite
+
+    _with_tombstones(collection, tiny_model)
+    monkeypatch.setattr(rewrite, "COPY_ROWS", 7)
+    result = cli("compact", str(collection.out))
+    assert result.exit_code == 0, result.stderr
+    assert_mapping(collection.out, collection.expected(real_vectors))
+    lines = (collection.out / "sources.txt").read_text().splitlines()
+    assert lines == sorted(lines) and manifest(collection.out)["consolidated"]["tombstones"] == 0
+    assert_healthy(collection.out)
+
+
+def test_batch_compact_failing_while_listing_stops_the_copier(
+    tiny_model: str, collection: Collection, real_vectors: list[np.ndarray], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """A fault while the rows are listed (the copier thread already waiting for the next
+    chunk) ends the compaction with one line and exit 5, leaves the OUTDIR as it was, and the
+    next compaction succeeds."""
+    import clipcli.batch.rewrite as rewrite
+    from clipcli.errors import StorageError
+
+    _with_tombstones(collection, tiny_model)
+    before = read_outdir(collection.out)
+    real_lines_of, calls = rewrite._lines_of, []
+
+    def failing(blobs: list[bytes]) -> bytes:
+        calls.append(len(blobs))
+        if len(calls) == 3:
+            time.sleep(0.5)  # the copier has taken every chunk fed so far and waits for more
+            raise StorageError(f"cannot write {collection.out / 'sources.txt'}: no space left on the device")
+        return real_lines_of(blobs)
+
+    monkeypatch.setattr(rewrite, "COPY_ROWS", 50)
+    monkeypatch.setattr(rewrite, "_lines_of", failing)
+    result = cli("compact", str(collection.out))
+    assert result.exit_code == 5, result.stderr
+    assert "no space left on the device" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    after = read_outdir(collection.out)
+    np.testing.assert_array_equal(after[0], before[0])
+    assert after[1] == before[1]
+    assert_healthy(collection.out)  # no temporary file left
+    monkeypatch.setattr(rewrite, "_lines_of", real_lines_of)
+    again = cli("compact", str(collection.out))
+    assert again.exit_code == 0, again.stderr
+    assert_mapping(collection.out, collection.expected(real_vectors))
 
 
 @pytest.mark.parametrize("point", ["compact-start", "consolidate", "compact", "consolidate-renames"])

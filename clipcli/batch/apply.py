@@ -113,8 +113,9 @@ def update(
     fresh = _live_pending(plan, state, keep_deleted)
     puts: list[tuple[int, str, RowRef]] = []
     appends: list[tuple[str, RowRef]] = []
+    placed = db.placed(fresh)
     for source, ref in fresh.items():
-        stored = db.lookup(source)
+        stored = placed.get(source)
         if stored is None:
             appends.append((source, ref))
         elif stored[1] is None or stored[1] < ref.shard:  # an older pending shard never wins
@@ -126,7 +127,8 @@ def update(
     else:
         result.deleted = len(plan.deleted)
     slots = db.slots
-    tombstones = [s for s in (*stale, *gone) if db.lookup(s) is not None]
+    stored = db.placed([*stale, *gone])
+    tombstones = [s for s in (*stale, *gone) if s in stored]
     new_shards = sorted(set(state.shards) - db.applied())
     dead = db.count("dead") + len(tombstones)
     total = slots + len(appends)

@@ -127,7 +127,9 @@ def make_plan(
         else:
             todo.append(Item(source, record, None if text is None else text.text))
     in_db = set(gone)
-    deleted = sorted({*gone, *(s for s in latest if s not in in_db and key(s) not in seen and db.lookup(s) is None)})
+    unseen = [s for s in latest if s not in in_db and key(s) not in seen]
+    stored = db.placed(unseen)
+    deleted = sorted({*gone, *(s for s in unseen if s not in stored)})
     changed = len(todo) + len(pending_ok)
     return Plan(
         modality, found_count, todo, found_count - changed + len(pending_ok), deleted, failures,

@@ -24,8 +24,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
 import threading
+from collections.abc import Callable
 from operator import itemgetter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,13 +84,15 @@ def rewrite(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
         files.append(lines)
         matrix.write(header)
         assert len(header) == HEADER_BYTES
-        written, shards, rows = _list_rows(db, order, lines)
-        lines.finish()
-        # The vectors are copied in a second thread while SQLite renumbers the index here: both
-        # wait in C (the kernel copy, SQLite's B-trees) with the GIL released, so on two cores
-        # the renumbering costs little beyond the copy.
-        copier = _Copier(Maps(arrays, dim), dim, dt, matrix, shards, rows)
+        # The vectors are copied in a second thread, from the first listed chunk on, while this
+        # one lists the rest and then renumbers the index: both wait in C (the kernel copy,
+        # SQLite's B-trees) with the GIL released, so on two cores the listing and the
+        # renumbering cost little beyond the copy.
+        copier = _Copier(Maps(arrays, dim), dim, dt, matrix)
         try:
+            written = _list_rows(db, order, lines, copier.feed)
+            copier.feed(None)
+            lines.finish()
             db.begin()
             try:
                 db.renumber(order)
@@ -114,53 +119,75 @@ def rewrite(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
     db.set("compact_pending", None)
 
 
-def _list_rows(db: IndexDB, order: str, lines: TempFile) -> tuple[int, np.ndarray, np.ndarray]:
-    """Stream the rows in ``order``: write sources.txt, and return its size with where each
-    row's vector is (input file: a shard number or :data:`CURRENT`; row in it), 16 bytes a row."""
+def _list_rows(db: IndexDB, order: str, lines: TempFile, feed: Callable[[Chunk | None], None]) -> int:
+    """Stream the rows in ``order``: write sources.txt, and ``feed`` where each row's vector
+    is, a chunk at a time (input file: a shard number or :data:`CURRENT`; row in it). Returns
+    the size of sources.txt."""
     cursor = db.run(  # noqa: S608 - fixed orders
         f"SELECT source, coalesce(shard, {CURRENT}), CASE WHEN shard IS NULL THEN row ELSE shard_row END FROM rows ORDER BY {order}"
     )
-    shards: list[np.ndarray] = []
-    rows: list[np.ndarray] = []
     written = 0
-    while chunk := cursor.fetchmany(COPY_ROWS):
-        shards.append(np.fromiter(map(itemgetter(1), chunk), np.int64, len(chunk)))
-        rows.append(np.fromiter(map(itemgetter(2), chunk), np.int64, len(chunk)))
-        text = _lines_of([r[0] for r in chunk])
-        lines.write(text)
-        written += len(text)
-    empty = np.zeros(0, np.int64)
-    return written, np.concatenate(shards) if shards else empty, np.concatenate(rows) if rows else empty
+    try:
+        while chunk := cursor.fetchmany(COPY_ROWS):
+            feed((np.fromiter(map(itemgetter(1), chunk), np.int64, len(chunk)),
+                  np.fromiter(map(itemgetter(2), chunk), np.int64, len(chunk))))
+            text = _lines_of([r[0] for r in chunk])
+            lines.write(text)
+            written += len(text)
+    finally:
+        # A statement left half read keeps its shared lock on index.sqlite even after the
+        # connection is closed (as long as a traceback holds the cursor): the next writer in
+        # this process would find the database locked.
+        cursor.close()
+    return written
+
+
+Chunk = tuple[np.ndarray, np.ndarray]  # (input file of each row, row in it), in output order
 
 
 class _Copier:
-    """Copies the rows into embeddings.npy's temporary file in a thread, then fsyncs it.
+    """Copies the rows into embeddings.npy's temporary file in a thread, chunk by chunk as
+    :meth:`feed` hands them over, then fsyncs it.
 
     Runs of consecutive rows of one input file (a compaction copies long stretches of the old
     embeddings.npy, a first run whole shards) are copied in the kernel (``copy_file_range``, as
     ``cp`` does); rows of another dtype are converted with numpy and written."""
 
-    def __init__(self, maps: Maps, dim: int, dt: np.dtype[Any], matrix: TempFile, shards: np.ndarray, rows: np.ndarray) -> None:
+    def __init__(self, maps: Maps, dim: int, dt: np.dtype[Any], matrix: TempFile) -> None:
         self.maps, self.dim, self.dt, self.matrix = maps, dim, dt, matrix
-        self.shards, self.rows = shards, rows
+        self.chunks: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="clipcli-compact", daemon=True)
         self.thread.start()
 
+    def feed(self, chunk: Chunk | None) -> None:
+        """The next rows in output order; None after the last."""
+        self.chunks.put(chunk)
+
     def _run(self) -> None:
         try:
-            self._copy()
+            out = _RowWriter(self.matrix, HEADER_BYTES)
+            while (chunk := self.chunks.get()) is not None and not self.stopping.is_set():
+                self._copy(out, *chunk)
+            if self.stopping.is_set():
+                return
+            out.done()
+            # The old embeddings.npy's cached pages are freed when the rename replaces it, on the
+            # critical path (0.5 s for 2 GB): drop them now, while the new file's fsync waits on
+            # the disk. Nothing is read from the old file after this.
+            dropping = threading.Thread(target=_drop_cache, args=(self.maps.arrays[CURRENT],), daemon=True)
+            dropping.start()
             self.matrix.finish()
+            dropping.join()
         except BaseException as exc:  # raised in the caller's thread by wait()
             self.error = exc
         finally:
             self.maps.close()
 
-    def _copy(self) -> None:
-        shards, rows, n = self.shards, self.rows, len(self.rows)
+    def _copy(self, out: _RowWriter, shards: np.ndarray, rows: np.ndarray) -> None:
+        n = len(rows)
         row_bytes = self.dim * self.dt.itemsize
-        out = _RowWriter(self.matrix, HEADER_BYTES)
         starts = np.flatnonzero(np.r_[True, (np.diff(shards) != 0) | (np.diff(rows) != 1)]) if n else np.zeros(0, np.int64)
         ends = np.r_[starts[1:], n]
         for first, stop in zip(starts.tolist(), ends.tolist()):
@@ -179,7 +206,6 @@ class _Copier:
                 except OSError as exc:
                     raise storage_error(array.path, exc, doing="read") from None
                 out.write(memoryview(np.ascontiguousarray(block)).cast("B"))
-        out.done()
 
     def wait(self) -> None:
         """Until the copy is done (interruptible by Ctrl-C / SIGTERM); its error, raised here."""
@@ -190,7 +216,22 @@ class _Copier:
 
     def stop(self) -> None:
         self.stopping.set()
+        self.chunks.put(None)  # wakes a thread still waiting for rows
         self.thread.join()
+
+
+def _drop_cache(path: Path) -> None:
+    """Ask the kernel to forget ``path``'s cached pages (a hint: any failure is ignored)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # a first run has no old file
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass  # no fadvise here: the rename frees them as before
+    finally:
+        os.close(fd)
 
 
 class _RowWriter:
