@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import time
 import tracemalloc
 from pathlib import Path
@@ -172,6 +173,14 @@ def test_batch_compact_drops_tombstones_and_sorts(
     after = manifest(collection.out)
     assert after["consolidated"]["tombstones"] == 0 and after["counts"] == before["counts"]
     assert_healthy(collection.out)
+    # The renumbered index is a new file: no dropped table's pages left free inside it.
+    con = sqlite3.connect(collection.out / "index.sqlite")
+    try:
+        assert con.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM dead").fetchone()[0] == 0
+        assert not {"rewrite_pending", "compact_pending", "redo_lines"} & {k for (k,) in con.execute("SELECT key FROM meta")}
+    finally:
+        con.close()
     # The renumbered index serves the next runs: a no-op embeds nothing, a change lands in place.
     assert cli(*collection.args(tiny_model)[1:]).exit_code == 0
     assert manifest(collection.out)["counts"]["embedded"] == 0
@@ -239,7 +248,7 @@ def test_batch_compact_failing_while_listing_stops_the_copier(
     assert_mapping(collection.out, collection.expected(real_vectors))
 
 
-@pytest.mark.parametrize("point", ["compact-start", "consolidate", "compact", "consolidate-renames"])
+@pytest.mark.parametrize("point", ["compact-start", "compact-listing", "consolidate", "compact", "consolidate-renames"])
 def test_batch_compact_killed_anywhere_then_rerun(
     tiny_model: str, collection: Collection, real_vectors: list[np.ndarray], tmp_path: Path, point: str  # noqa: F811
 ) -> None:
@@ -257,6 +266,28 @@ def test_batch_compact_killed_anywhere_then_rerun(
     lines = (collection.out / "sources.txt").read_text().splitlines()
     assert lines == sorted(lines) and manifest(collection.out)["consolidated"]["tombstones"] == 0
     assert_healthy(collection.out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_batch_compact_signalled_while_copying_and_renumbering(
+    tiny_model: str, collection: Collection, real_vectors: list[np.ndarray], tmp_path: Path, sig: int  # noqa: F811
+) -> None:
+    """A signal while the copy and renumbering threads run: exit 130 with one line, both
+    threads stopped, no temporary file (the new index's included), the OUTDIR as it was."""
+    _with_tombstones(collection, tiny_model)
+    before = read_outdir(collection.out)
+    paused = Paused(tmp_path, "compact-listing", "batch", "compact", str(collection.out))
+    paused.wait_paused()
+    os.kill(paused.proc.pid, sig)
+    code, _, stderr = paused.finish()
+    assert code == 130 and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    after = read_outdir(collection.out)
+    np.testing.assert_array_equal(after[0], before[0])
+    assert after[1] == before[1] and manifest(collection.out)["consolidated"]["tombstones"] > 0
+    assert_healthy(collection.out)
+    assert cli("compact", str(collection.out)).exit_code == 0
+    assert_mapping(collection.out, collection.expected(real_vectors))
 
 
 def test_batch_compact_refusals(tiny_model: str, tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import operator
+import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -41,14 +42,14 @@ _ROWS_INDEXES = """
 CREATE INDEX IF NOT EXISTS rows_by_row ON rows(row);
 CREATE INDEX IF NOT EXISTS rows_by_shard ON rows(shard);
 """
-_SCHEMA = f"""
+_TABLES = f"""
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rows{_ROWS_COLUMNS};
-{_ROWS_INDEXES}
 CREATE TABLE IF NOT EXISTS dead(row INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS applied(shard INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS redo(row INTEGER PRIMARY KEY, shard INTEGER, shard_row INTEGER);
 """
+_SCHEMA = _TABLES + _ROWS_INDEXES
 
 
 def key(source: str) -> bytes:
@@ -128,6 +129,10 @@ class IndexDB:
     def __init__(self, path: Path, *, readonly: bool = False, create: bool = True) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self._connect(create)
+
+    def _connect(self, create: bool) -> None:
+        readonly = self.readonly
         try:
             if readonly:
                 if not self.path.is_file():
@@ -198,22 +203,24 @@ class IndexDB:
     def applied(self) -> set[int]:
         return {int(n) for (n,) in self.run("SELECT shard FROM applied")}
 
-    def renumber(self, order: str) -> None:
-        """Number the rows 0..n-1 in ``order`` (an ORDER BY over the rows table), inside the
-        caller's transaction. The table is rebuilt by one INSERT ... SELECT in C: updating a
-        million rows one statement each costs several times as much."""
-        self.run(f"CREATE TABLE rows_renumbered{_ROWS_COLUMNS}")
-        self.run(
-            "INSERT INTO rows_renumbered SELECT source, row_number() OVER (ORDER BY "  # noqa: S608 - fixed orders
-            f"{order}) - 1, size, mtime_ns, sha256, record, shard, shard_row FROM rows ORDER BY source"
-        )
-        self.run("DROP TABLE rows")
-        self.run("ALTER TABLE rows_renumbered RENAME TO rows")
-        for statement in filter(None, (s.strip() for s in _ROWS_INDEXES.split(";"))):
-            self.run(statement)
+    def swap_in(self, new: Path) -> None:
+        """Make the finished index file ``new`` this index: closed, renamed over it (the caller
+        fsyncs the directory), reopened. The connection is reopened on whichever file is there
+        when the rename fails."""
+        self.con.close()
+        try:
+            os.replace(new, self.path)
+        except OSError as exc:
+            from clipcli.errors import storage_error
+
+            raise storage_error(self.path, exc) from None
+        finally:
+            self._connect(create=False)  # the same settings, on whichever file is there now
 
     def referenced_shards(self) -> set[int]:
-        return {int(n) for (n,) in self.run("SELECT DISTINCT shard FROM rows WHERE shard IS NOT NULL")}
+        """The shards live rows come from: one probe of ``rows_by_shard`` per shard, in one
+        statement (a DISTINCT reads the whole index: 60 ms a run at 1,000,000 rows)."""
+        return {int(n) for (n,) in self.run(_SHARDS)}
 
     def placed(self, sources: Iterable[str]) -> dict[str, tuple[int, int | None]]:
         """(row, shard) of each of ``sources`` that is a live row; the others are left out.
@@ -283,6 +290,59 @@ class IndexDB:
         return changed, [unkey(g) for g in gone if g not in out_of_order], seen, count
 
 
+def write_renumbered(
+    source: Path, target: Path, order: str, meta: Callable[[], dict[str, Any]], on_open: Callable[[sqlite3.Connection], Any],
+) -> None:
+    """Write ``target``, a new index file: the rows of ``source`` numbered 0..n-1 in ``order``
+    (an ORDER BY over its rows table), its applied shards, its meta updated with what ``meta()``
+    returns once the rows are in (None removes a key), no tombstones and no redo; fsynced. It reads ``source`` as any reader does
+    (a shared lock), so it runs beside other readers of it. ``target`` is a temporary file that
+    becomes the index only by a rename once complete, so it is written without a journal and
+    synced once: a new file, with no old table to drop page by page. ``on_open(connection)``
+    lets a caller stop the long statements (a progress handler)."""
+    try:
+        con = sqlite3.connect(str(target), isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise sqlite_error(target, exc, doing="open") from None
+    try:
+        on_open(con)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "cache_size=-16384"):
+            con.execute(f"PRAGMA {pragma}")
+        con.executescript(_TABLES)
+        con.execute("ATTACH DATABASE ? AS old", (str(source),))
+        con.execute("BEGIN")
+        con.execute(
+            "INSERT INTO rows SELECT source, row_number() OVER (ORDER BY "  # noqa: S608 - fixed orders
+            f"{order}) - 1, size, mtime_ns, sha256, record, shard, shard_row FROM old.rows ORDER BY source"
+        )
+        con.execute("INSERT INTO applied SELECT shard FROM old.applied")
+        con.execute("INSERT INTO meta SELECT key, value FROM old.meta")
+        for name, value in meta().items():
+            con.execute("DELETE FROM meta WHERE key = ?", (name,))
+            if value is not None:
+                con.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (name, json.dumps(value)))
+        con.execute("COMMIT")
+        con.execute("DETACH DATABASE old")
+        con.executescript(_ROWS_INDEXES)
+    except sqlite3.Error as exc:
+        raise sqlite_error(target, exc) from None
+    finally:
+        con.close()
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        from clipcli.errors import storage_error
+
+        raise storage_error(target, exc) from None
+    finally:
+        os.close(fd)
+
+
+_SHARDS = """WITH RECURSIVE shard(n) AS (
+    SELECT min(shard) FROM rows
+    UNION ALL SELECT (SELECT min(shard) FROM rows WHERE shard > shard.n) FROM shard WHERE shard.n IS NOT NULL
+) SELECT n FROM shard WHERE n IS NOT NULL"""
 _CHUNK = 4096
 _CHUNK_KEYS = 500  # bound parameters a statement: under SQLite's smallest default limit (999)
 _COLUMNS = "SELECT source, size, mtime_ns, sha256, 0 FROM rows"

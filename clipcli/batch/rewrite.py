@@ -2,21 +2,24 @@
 
 Runs on the first run, on ``--compact`` / ``clipcli batch compact``, past the tombstone
 threshold, and when a grown shape would not fit the fixed ``.npy`` header (see
-:mod:`clipcli.batch.apply`). Where the time goes, at 1,000,000 rows x 512 (bench/storage_bench.py):
+:mod:`clipcli.batch.apply`). Three threads, each waiting in C most of the time (at 1,000,000
+rows x 512 on two cores, bench/storage_bench.py):
 
-* the order comes from SQLite (``ORDER BY source``, the primary key, for images; file, then
-  line for texts) and is streamed :data:`COPY_ROWS` rows at a time into ``sources.txt`` and two
-  int64 arrays (where each row's vector is: 16 bytes a row), about 2 s;
-* runs of consecutive rows of one input file are copied in the kernel (``copy_file_range``,
-  as ``cp`` does: a first run's shards, and long stretches of the old embeddings.npy), in a
-  second thread, with the fsync about 6.5 s;
-* meanwhile index.sqlite is renumbered in C by one ``INSERT ... SELECT row_number() OVER
-  (...)`` into a new table that replaces the old one (about 8.5 s: the longest part), in the
-  transaction that then records the renames; replacing the old 2 GB file costs about 2 s more.
+* this one streams the rows in output order from SQLite (``ORDER BY source``, the primary key,
+  for images; file, then line for texts) :data:`COPY_ROWS` at a time into ``sources.txt`` and
+  hands where each row's vector is to the copier (about 0.9 s);
+* the copier copies runs of consecutive rows of one input file in the kernel
+  (``copy_file_range``, as ``cp`` does: a first run's shards, long stretches of the old
+  embeddings.npy) from the first chunk on, then fsyncs: the time of a plain copy;
+* the renumbering writes a new index file (:func:`clipcli.batch.index_db.write_renumbered`:
+  one ``INSERT ... SELECT row_number() OVER (...)`` in C, then its two indexes; about 2 s),
+  reading the old one beside this thread's reads. A new file needs no journal and leaves no old
+  table to drop page by page, which renumbering in place took another 0.6 s for.
 
-Crash safety is unchanged: both temporary files are complete and fsynced before index.sqlite
-records them (``compact_pending``) together with the new numbering; a kill between the renames
-is finished by :func:`clipcli.batch.apply.recover`.
+Crash safety: the three temporary files are complete and fsynced before anything is renamed.
+The new index names the other two (``compact_pending``) and is renamed in first: that rename
+is the commit point. A kill before it leaves the old files (its temporaries are removed by the
+next run); a kill after it is finished by :func:`clipcli.batch.apply.recover`.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ import numpy as np
 
 from clipcli.batch import readers
 from clipcli.batch.consolidate import COPY_ROWS, Maps, fixed_header
-from clipcli.batch.index_db import IndexDB, unkey
+from clipcli.batch.index_db import IndexDB, unkey, write_renumbered
 from clipcli.batch.layout import Layout
-from clipcli.batch.storage import TempFile, ensure_space, fsync_dir, pause_at
+from clipcli.batch.storage import TempFile, ensure_space, fsync_dir, pause_at, temp_path
 from clipcli.errors import UsageError, storage_error
 from clipcli.sources import utf8_safe
 from clipcli.writers import escape_line
@@ -63,8 +66,9 @@ def source_line(source: str) -> str:
 
 
 def rewrite(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
-    """Write every live row, in output order, into new embeddings.npy and sources.txt,
-    renumber index.sqlite and drop the tombstones; see the module docstring."""
+    """Write every live row, in output order, into new embeddings.npy, sources.txt and
+    index.sqlite (renumbered, no tombstones); see the module docstring. ``db`` is reopened on
+    the new index."""
     pause_at("compact-start")
     dt = np.dtype(dtype)
     n = db.count("rows")
@@ -73,10 +77,12 @@ def rewrite(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
     npy_size = len(header) + n * dim * dt.itemsize
     (name_bytes,) = db.run("SELECT coalesce(sum(length(source)), 0) FROM rows").fetchone()
     sources_estimate = int(name_bytes) + n  # escapes are rare; the file is cut to what is written
-    ensure_space(layout.root, npy_size + sources_estimate, layout.embeddings_path)
+    index_estimate = db.path.stat().st_size  # the new index holds no more than the old one
+    ensure_space(layout.root, npy_size + sources_estimate + index_estimate, layout.embeddings_path)
     arrays = {number: layout.npy(number) for number in db.referenced_shards()}
     arrays[CURRENT] = layout.embeddings_path
     files: list[TempFile] = []
+    index_tmp = temp_path(db.path)
     try:
         matrix = TempFile(layout.embeddings_path, size=npy_size)
         files.append(matrix)
@@ -84,29 +90,24 @@ def rewrite(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
         files.append(lines)
         matrix.write(header)
         assert len(header) == HEADER_BYTES
-        # The vectors are copied in a second thread, from the first listed chunk on, while this
-        # one lists the rest and then renumbers the index: both wait in C (the kernel copy,
-        # SQLite's B-trees) with the GIL released, so on two cores the listing and the
-        # renumbering cost little beyond the copy.
+        sizes: dict[str, int] = {}
+        renumbering = _Renumbering(db.path, index_tmp, order, lambda: _meta(n, sizes["sources"], files))
         copier = _Copier(Maps(arrays, dim), dim, dt, matrix)
         try:
-            written = _list_rows(db, order, lines, copier.feed)
+            sizes["sources"] = _list_rows(db, order, lines, copier.feed)
             copier.feed(None)
+            renumbering.listed.set()
             lines.finish()
-            db.begin()
-            try:
-                db.renumber(order)
-                copier.wait()
-                pause_at("consolidate")
-                pause_at("compact")
-                _record(db, n, written, [(f.tmp, f.path) for f in files])
-                db.commit()
-            except BaseException:
-                db.rollback()
-                raise
+            copier.wait()
+            renumbering.wait()
         finally:
             copier.stop()
+            renumbering.stop()
+        pause_at("consolidate")
+        pause_at("compact")
         with readers.writing(layout.root):
+            db.swap_in(index_tmp)  # the commit point: the new index names the files still to rename
+            fsync_dir(layout.root)
             for number, file in enumerate(files):
                 file.commit()
                 if number == 0:
@@ -115,8 +116,61 @@ def rewrite(layout: Layout, db: IndexDB, dim: int, dtype: str) -> None:
     except BaseException:
         for file in files:
             file.abort()
+        index_tmp.unlink(missing_ok=True)
         raise
     db.set("compact_pending", None)
+
+
+def _meta(n: int, sources_bytes: int, files: list[TempFile]) -> dict[str, Any]:
+    """The new index's meta beside the new numbering: no tombstones or redo, the new sizes, the
+    pending renames."""
+    return {"slots": n, "sources_bytes": sources_bytes, "redo_from": None, "redo_lines": None, "rewrite_pending": None,
+            "compact_pending": [[str(f.tmp), str(f.path)] for f in files]}
+
+
+class _Renumbering:
+    """:func:`clipcli.batch.index_db.write_renumbered` in a thread; its meta waits for
+    :attr:`listed` (the size of sources.txt is known once the rows are listed)."""
+
+    def __init__(self, source: Path, target: Path, order: str, meta: Callable[[], dict[str, Any]]) -> None:
+        self.listed = threading.Event()
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+
+        def after_listing() -> dict[str, Any]:
+            while not self.listed.wait(0.05):
+                if self.stopping.is_set():
+                    raise _Stopped
+            return meta()
+
+        def run() -> None:
+            try:
+                write_renumbered(source, target, order, after_listing, self._opened)
+            except BaseException as exc:  # raised in the caller's thread by wait()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="clipcli-renumber", daemon=True)
+        self.thread.start()
+
+    def _opened(self, con: Any) -> None:
+        # SQLite calls this every 100,000 steps of a statement: a nonzero answer ends it (an
+        # "interrupted" error), so a Ctrl-C does not wait for the renumbering to finish.
+        con.set_progress_handler(self.stopping.is_set, 100_000)
+
+    def wait(self) -> None:
+        """Until the new index is written (interruptible by Ctrl-C / SIGTERM); its error here."""
+        while self.thread.is_alive():
+            self.thread.join(0.1)
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+
+class _Stopped(Exception):
+    """The rewrite stopped before the rows were listed."""
 
 
 def _list_rows(db: IndexDB, order: str, lines: TempFile, feed: Callable[[Chunk | None], None]) -> int:
@@ -134,6 +188,7 @@ def _list_rows(db: IndexDB, order: str, lines: TempFile, feed: Callable[[Chunk |
             text = _lines_of([r[0] for r in chunk])
             lines.write(text)
             written += len(text)
+            pause_at("compact-listing")  # the copy and the renumbering are under way
     finally:
         # A statement left half read keeps its shared lock on index.sqlite even after the
         # connection is closed (as long as a traceback holds the cursor): the next writer in
@@ -305,16 +360,3 @@ def _lines_of(blobs: list[bytes]) -> bytes:
         else:
             return joined.replace(b"\0", b"\n") + b"\n"
     return "".join([source_line(unkey(blob)) + "\n" for blob in blobs]).encode("utf-8")
-
-
-def _record(db: IndexDB, n: int, sources_bytes: int, pairs: list[tuple[Any, Any]]) -> None:
-    """In the caller's transaction, beside the new numbering: no tombstones or redo, the new
-    sizes, the pending renames."""
-    db.run("DELETE FROM dead")
-    db.run("DELETE FROM redo")
-    db.set("redo_from", None)
-    db.set("redo_lines", None)
-    db.set("slots", n)
-    db.set("sources_bytes", sources_bytes)
-    db.set("rewrite_pending", None)
-    db.set("compact_pending", [[str(tmp), str(target)] for tmp, target in pairs])

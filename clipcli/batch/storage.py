@@ -51,7 +51,8 @@ def pause_at(point: str) -> None:
     renamed), ``consolidate-renames`` (embeddings.npy renamed, sources/index not yet); layout 3
     (:mod:`clipcli.batch.apply`, :mod:`clipcli.batch.migrate`): ``apply-start`` (update recorded in
     index.sqlite, no file written), ``apply-rows`` (rows written, header and sources.txt not),
-    ``compact-start``, ``compact`` (rewrite's temp files complete, index not yet renumbered),
+    ``compact-start``, ``compact-listing`` (a rewrite's first rows listed, its copy and
+    renumbering threads running), ``compact`` (rewrite's temp files complete, nothing renamed),
     ``migrate`` (the new index.sqlite built, not renamed into place).
     """
     if not _PAUSE:
@@ -131,6 +132,12 @@ def ensure_space(directory: Path, needed: int, target: Path) -> None:
         )
 
 
+def temp_path(path: Path) -> Path:
+    """A new temporary name beside ``path`` (``.NAME.PID.RANDOM.tmp``: removed by the next run
+    under the lock when a kill leaves it)."""
+    return Path(path).parent / f".{Path(path).name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+
+
 class TempFile:
     """A temporary file beside ``path`` that becomes ``path`` only on :meth:`commit`.
 
@@ -142,7 +149,7 @@ class TempFile:
     def __init__(self, path: Path, *, size: int | None = None) -> None:
         self.path = Path(path)
         directory = self.path.parent
-        self.tmp = directory / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+        self.tmp = temp_path(self.path)
         self.handle: BinaryIO | None = None
         if size is not None:
             ensure_space(directory, size, self.path)
