@@ -12,9 +12,9 @@ shard; ``sources.txt`` is cut back to its recorded size before the append), so a
 A full rewrite (:func:`clipcli.batch.rewrite.rewrite`: every live row, sorted by source,
 streamed into new files, then renamed) happens on the first run, on ``--compact`` / ``batch compact``, when
 tombstones pass :data:`COMPACT_RATIO` of the rows, or when the grown shape would not fit the
-``.npy`` header. Its temporary files are complete and fsynced before index.sqlite records them
-(``compact_pending``) together with the renumbered rows; a kill between the renames is finished
-by :func:`recover`.
+``.npy`` header. Its three temporary files are complete and fsynced before any is renamed; the
+new, renumbered index.sqlite names the other two (``compact_pending``) and is renamed in first,
+so a kill between the renames is finished by :func:`recover`.
 """
 
 from __future__ import annotations

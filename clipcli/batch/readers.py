@@ -3,7 +3,7 @@
 A run changes ``embeddings.npy`` and ``sources.txt`` in place (changed rows rewritten, new rows
 appended, deleted rows turned into tombstones) or replaces them (first run, compaction). Every
 such write happens while the run holds an exclusive ``flock`` on ``OUTDIR/.readers``, for as
-long as the writes take (O(changes); a compaction only for its two renames). A reader that holds
+long as the writes take (O(changes); a compaction only for its three renames). A reader that holds
 a shared flock on that file while it reads (:func:`reading`; from a shell,
 ``flock -s OUTDIR/.readers python read.py``) always sees a complete, consistent pair: row *i*
 of ``embeddings.npy`` belongs to line *i* of ``sources.txt``, and the counts are equal.

@@ -106,7 +106,7 @@ def check_command() -> click.Command:
 
 COMPACT_HELP = """Rewrite a batch OUTDIR's embeddings.npy and sources.txt sorted by source, without tombstones, now.
 
-Incremental runs write changes in place: deleted sources leave all-NaN rows (tombstones) and new ones are appended, and a run rewrites everything once tombstones pass 10% of the rows. This does that rewrite on its own: no inputs are walked and no model is loaded. It streams the rows (the vectors are copied in the kernel; at a million rows, renumbering index.sqlite costs more than the copy), takes the OUTDIR's lock (exit 4 while a run holds it, unless --wait), and is safe to kill at any point: the next run or compact finishes it. Exit 2: not a batch OUTDIR, or a merged result (already compact); 5: the disk refused the new files (the old ones stay).
+Incremental runs write changes in place: deleted sources leave all-NaN rows (tombstones) and new ones are appended, and a run rewrites everything once tombstones pass 10% of the rows. This does that rewrite on its own: no inputs are walked and no model is loaded. It streams the rows (the vectors are copied in the kernel while the index is renumbered into a new file beside them), takes the OUTDIR's lock (exit 4 while a run holds it, unless --wait), and is safe to kill at any point: the next run or compact finishes it. Exit 2: not a batch OUTDIR, or a merged result (already compact); 5: the disk refused the new files (the old ones stay).
 
 Example: clipcli batch compact ~/photo-vectors
 """
