@@ -37,6 +37,7 @@ def main() -> None:
     report["model_load_1_image_wall_s"] = load["wall_s"]
     for rep in range(1, args.reps + 1):
         for name, tree in trees.items():
+            storage_bench.settle()  # the previous run's writeback (and the images' own) done
             run = storage_bench.first_run(args.work, model, args.images, tree)
             report["runs"][f"{name}_rep{rep}"] = {k: run[k] for k in ("wall_s", "peak_rss_mib", "wchar", "rc", "images", "images_per_s")}
             print(name, rep, run["wall_s"], run["rc"], flush=True)
