@@ -30,7 +30,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from clipcli.errors import StorageError, UsageError
+from clipcli.errors import StorageError, UsageError, storage_error
 
 INDEX_DB = "index.sqlite"
 
@@ -213,8 +213,6 @@ class IndexDB:
         try:
             os.replace(new, self.path)
         except OSError as exc:
-            from clipcli.errors import storage_error
-
             raise storage_error(self.path, exc) from None
         finally:
             self._connect(create=False)  # the same settings, on whichever file is there now
@@ -295,16 +293,17 @@ def write_renumbered(
     source: Path, target: Path, order: str, meta: Callable[[], dict[str, Any]], on_open: Callable[[sqlite3.Connection], Any],
 ) -> None:
     """Write ``target``, a new index file: the rows of ``source`` numbered 0..n-1 in ``order``
-    (an ORDER BY over its rows table), its applied shards, its meta updated with what ``meta()``
-    returns once the rows are in (None removes a key), no tombstones and no redo; fsynced. It reads ``source`` as any reader does
-    (a shared lock), so it runs beside other readers of it. ``target`` is a temporary file that
-    becomes the index only by a rename once complete, so it is written without a journal and
-    synced once: a new file, with no old table to drop page by page. ``on_open(connection)``
-    lets a caller stop the long statements (a progress handler)."""
+    (an ORDER BY over its rows table), its applied shards, its meta updated with what
+    ``meta()`` returns once the rows are in (None removes a key), no tombstones and no redo;
+    fsynced. It reads ``source`` as any reader does (a shared lock), so it runs beside other
+    readers of it. ``target`` becomes the index only by a rename once complete, so it is written
+    without a journal and synced once: a new file, with no old table to drop page by page.
+    ``on_open(connection)`` lets a caller stop the long statements (a progress handler).
+    Errors name ``source``, the index the user knows, not the temporary file."""
     try:
         con = sqlite3.connect(str(target), isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
-        raise sqlite_error(target, exc, doing="open") from None
+        raise sqlite_error(source, exc, doing="write") from None
     try:
         on_open(con)
         for pragma in ("journal_mode=OFF", "synchronous=OFF", "cache_size=-16384"):
@@ -326,18 +325,17 @@ def write_renumbered(
         con.execute("DETACH DATABASE old")
         con.executescript(_ROWS_INDEXES)
     except sqlite3.Error as exc:
-        raise sqlite_error(target, exc) from None
+        raise sqlite_error(source, exc) from None
     finally:
         con.close()
-    fd = os.open(target, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as exc:
-        from clipcli.errors import storage_error
-
-        raise storage_error(target, exc) from None
-    finally:
-        os.close(fd)
+        raise storage_error(source, exc) from None
 
 
 _SHARDS = """WITH RECURSIVE shard(n) AS (
